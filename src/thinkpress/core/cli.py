@@ -1,0 +1,200 @@
+"""Command-line interface, installed as both ``thinkpress`` and ``core``.
+
+Stable commands (scripts depend on them): ``run``, ``plugins [--json]``, ``config schema``,
+``models``. Plugins add commands through the ``register_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from thinkpress import __version__
+from thinkpress.core.errors import ThinkpressError
+
+err_console = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="thinkpress")
+def cli():
+    """thinkpress: run, compose and compare reasoning-compression methods."""
+
+
+def _data_overrides(data: str | None, reg) -> dict:
+    if not data:
+        return {}
+    if data in reg.datasets:
+        return {"train_data": {"name": data, "path": None}, "test_data": {"name": data, "path": None}}
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise ThinkpressError(f"--data {data!r}: not a registered dataset ({', '.join(sorted(reg.datasets))}) "
+                              "and no such file or directory")
+    name = p.name if p.is_dir() and p.name in reg.datasets else (p.parent.name if p.parent.name in reg.datasets
+                                                                   else "jsonl")
+    return {"train_data": {"name": name, "path": str(p)}, "test_data": {"name": name, "path": str(p)}}
+
+
+@cli.command()
+@click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names (e.g. tokenskip,rkv)")
+@click.option("--preset", type=click.Choice(["smoke", "default"]), default=None, help="Preset (default: default)")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config file")
+@click.option("--model", default=None, help="Embedded model name, local directory or Hub id")
+@click.option("--data", default=None, help="Dataset name (arith, gsm8k, math500) or a JSONL file/directory")
+@click.option("--set", "sets", multiple=True, metavar="KEY.PATH=VALUE", help="Override any config key (repeatable)")
+@click.option("--out", default=None, help="Run directory (default: runs/<plugins>-<hash>)")
+@click.option("--overwrite", is_flag=True, help="Replace a run directory that holds a different config")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages; the summary table only")
+def run(plugins, preset, config_file, model, data, sets, out, overwrite, quiet):
+    """Run the pipeline and the evaluation; write DIR/report.json and DIR/report.md."""
+    from thinkpress.core.config import build_config
+    from thinkpress.core.context import UI
+    from thinkpress.core.pipeline import Runner
+    from thinkpress.core.plugins import get_registry
+
+    try:
+        reg = get_registry()
+        overrides = {"model": model, "out": out, **_data_overrides(data, reg)}
+        if plugins:
+            overrides["plugins"] = [p.strip() for p in plugins.split(",") if p.strip()]
+        cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets))
+        runner = Runner(cfg, registry=reg, ui=UI(quiet=quiet), overwrite=overwrite)
+        report = runner.run()
+    except ThinkpressError as e:
+        _fail(e)
+    table = Table(title=f"thinkpress {', '.join(cfg.plugins)} on {cfg.model} ({report['dataset']['name']}, "
+                        f"n={report['dataset']['n']})")
+    for col in ("variant", "accuracy", "mean tokens", "correct-only", "truncated", "saved", "tok/s"):
+        table.add_column(col, justify="right" if col != "variant" else "left")
+    for v in report["variants"]:
+        table.add_row(v["name"], f"{100 * v['accuracy']:.1f}%", f"{v['mean_tokens']:.1f}",
+                      "-" if v["mean_tokens_correct"] is None else f"{v['mean_tokens_correct']:.1f}",
+                      f"{100 * v['truncation_rate']:.1f}%",
+                      "-" if v.get("tokens_saved") is None else f"{100 * v['tokens_saved']:.1f}%",
+                      f"{v['decode_tokens_per_s']:.1f}")
+    Console().print(table)
+    click.echo(f"report: {runner.store.dir / 'report.md'}")
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+def plugins_cmd(as_json):
+    """List installed plugins: name, version, stages provided, hooks; broken ones are marked."""
+    from thinkpress.core.plugins import get_registry
+
+    reg = get_registry()
+    infos = [i.as_dict() for i in reg.plugins.values()]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    table = Table(title="thinkpress plugins")
+    for col in ("name", "version", "stages", "hooks", "status"):
+        table.add_column(col)
+    for i in infos:
+        stages = "; ".join(f"{s}: {', '.join(c)}" for s, c in i["stages"].items()) or "-"
+        status = "[red]broken[/]: " + i["broken"].splitlines()[0] if i["broken"] else ("built-in" if i["builtin"]
+                                                                                       else i["entry_point"])
+        table.add_row(i["name"], i["version"] or "-", stages, ", ".join(i["hooks"]), status)
+    Console(width=160).print(table)
+
+
+@cli.group("config")
+def config_group():
+    """Configuration helpers."""
+
+
+@config_group.command("schema")
+def config_schema():
+    """Print the JSON schema of the run configuration."""
+    from thinkpress.core.config import RunConfig
+
+    click.echo(json.dumps(RunConfig.model_json_schema(), indent=2))
+
+
+@config_group.command("show")
+@click.option("--preset", type=click.Choice(["smoke", "default"]), default=None)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
+@click.option("--set", "sets", multiple=True)
+def config_show(preset, config_file, sets):
+    """Print the resolved config (YAML) without running anything."""
+    from thinkpress.core.config import build_config, dump_yaml
+
+    try:
+        click.echo(dump_yaml(build_config(preset=preset, config_file=config_file, sets=list(sets))))
+    except ThinkpressError as e:
+        _fail(e)
+
+
+@cli.group("models", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_group(ctx, as_json):
+    """List the embedded models and their cache state."""
+    if ctx.invoked_subcommand:
+        return
+    from thinkpress.core.models import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_dir, embedded_state
+
+    rows = [{"name": m.name, "default": m.name == DEFAULT_MODEL, "state": embedded_state(m.name),
+             "path": str(embedded_dir(m.name)), "sha256": m.sha256, "source": ", ".join(m.wheels),
+             "description": m.description} for m in EMBEDDED_MODELS.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="embedded models")
+    for col in ("name", "state", "source", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"] + (" (default)" if r["default"] else ""), r["state"], r["source"], r["description"])
+    Console(width=160).print(table)
+
+
+@models_group.command("fetch")
+@click.argument("name")
+def models_fetch(name):
+    """Fetch, verify and convert an embedded model (done automatically on first use)."""
+    from thinkpress.core.models import EMBEDDED_MODELS, ensure_embedded
+
+    if name not in EMBEDDED_MODELS:
+        _fail(ThinkpressError(f"unknown embedded model {name!r}; available: {', '.join(EMBEDDED_MODELS)}"))
+    try:
+        click.echo(ensure_embedded(name, log=click.echo))
+    except ThinkpressError as e:
+        _fail(e)
+
+
+def _add_plugin_commands() -> None:
+    from thinkpress.core.plugins import get_registry
+
+    reg = get_registry()
+    for impl in reg.pm.hook.register_commands.get_hookimpls():
+        info = reg.plugins.get(impl.plugin_name)
+        if info is None or info.broken:
+            continue
+        try:
+            impl.function(cli=cli)
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not stop the CLI
+            info.broken = f"register_commands raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+            err_console.print(f"[yellow]warning:[/] plugin {impl.plugin_name!r} failed to add commands: {e}")
+
+
+def main() -> None:
+    try:
+        _add_plugin_commands()
+    except ThinkpressError as e:
+        _fail(e)
+    cli()
+
+
+if __name__ == "__main__":
+    main()

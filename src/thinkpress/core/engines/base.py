@@ -1,0 +1,118 @@
+"""Engine interface: what the methods need from a generation backend."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from thinkpress.core.data import FinishReason
+
+
+@dataclass
+class GenParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class GenStats:
+    """Accumulated decoding statistics (the engine adds to them on every call)."""
+
+    new_tokens: int = 0
+    sequences: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    peak_kv_bytes: int = 0
+    steps: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class KVPolicy:
+    """Decode-time KV-cache policy hook. The base class keeps everything (no-op).
+
+    The ``hf`` engine calls :meth:`begin` after prefill and :meth:`after_step` after every decode
+    step with the live ``DynamicCache`` and the 2-D attention mask (``[batch, cache_len]``). A policy
+    that evicts entries must remove them physically from every layer's keys and values and return
+    the attention mask pruned with the same indices; the engine keeps passing absolute position ids,
+    so RoPE positions survive eviction.
+    """
+
+    name = "full"
+    needs_queries = False
+
+    def begin(self, cache: Any, attention_mask: Any, prompt_lengths: list[int]) -> Any:
+        return attention_mask
+
+    def after_step(self, cache: Any, attention_mask: Any, step: int) -> Any:
+        return attention_mask
+
+
+ProgressFn = Callable[[int], None]
+
+
+class Engine(ABC):
+    """A generation backend. Implementations: ``hf`` (built in), ``vllm``."""
+
+    name = "engine"
+    stats: GenStats
+
+    @abstractmethod
+    def chat_prompt(self, question: str, system: str | None = None, suffix: str = "") -> str:
+        """The exact model input for a question (chat template applied, generation prompt added)."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: list[str],
+        params: GenParams,
+        *,
+        n: int = 1,
+        seeds: list[int] | None = None,
+        kv_policy: KVPolicy | None = None,
+        batch_size: int = 8,
+        progress: ProgressFn | None = None,
+        logprobs: bool = False,
+    ) -> list[list[Completion]]:
+        """``n`` completions for each prompt. ``seeds[i]`` seeds prompt i's samples (resume-stable)."""
+
+    @abstractmethod
+    def score(self, prompts: list[str], continuations: list[str], *, batch_size: int = 4) -> list[list[float]]:
+        """Teacher-forced per-token log-probabilities of each continuation given its prompt."""
+
+    @abstractmethod
+    def iter_logits(self, prompt: str, continuation: str, *, chunk_size: int = 128) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(logits[chunk, V], target_ids[chunk])`` over the continuation's positions, in chunks."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of model tokens in ``text`` (no special tokens)."""
+
+    @abstractmethod
+    def with_adapter(self, adapter_path: str) -> Engine:
+        """An engine for base + the LoRA adapter at ``adapter_path``."""

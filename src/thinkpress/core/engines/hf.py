@@ -1,0 +1,319 @@
+"""The ``hf`` engine: transformers with a manual decode loop over a ``DynamicCache``.
+
+Why a manual loop: ``generate()`` cannot change the cache between steps, and KV pruners must
+physically remove entries mid-generation. The loop
+
+* left-pads the batch and passes explicit ``position_ids`` (a row's logical RoPE position is its
+  count of real tokens so far, independent of padding and of the cache's physical length, so
+  positions survive eviction);
+* keeps a 2-D attention mask ``[batch, cache_len]`` that a KV policy prunes with the same indices
+  as the cache;
+* samples each row with its own ``torch.Generator`` seeded by the caller (a problem's samples do
+  not depend on which other problems share its batch);
+* drops finished rows from the batch (cache, mask, positions) so long stragglers do not make the
+  whole batch pay;
+* stops a row at EOS (every id of the generation config), at a stop string (the text is cut before
+  it), or at ``max_new_tokens`` (``finish_reason="length"``: truncated).
+
+Greedy output equals ``model.generate()`` token for token (tested).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from thinkpress.core.engines.base import Completion, Engine, GenParams, GenStats, KVPolicy, ProgressFn
+from thinkpress.core.errors import ModelError
+from thinkpress.kernels import token_scores
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_causal_lm(path: str, *, dtype: str = "bfloat16", device: str = "auto", trust_remote_code: bool = False):
+    """Load a causal LM and tokenizer from safetensors only (no pickle)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dev = resolve_device(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise ModelError(f"cannot load model {path!r}: {e}") from None
+    model.to(dev).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _select_rows(cache: Any, idx: torch.Tensor) -> None:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, idx)
+            layer.values = layer.values.index_select(0, idx)
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(self, model, tokenizer, *, model_path: str | None = None, system_prompt: str | None = None,
+                 dtype: str = "bfloat16", device: str = "auto", trust_remote_code: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.system_prompt = system_prompt
+        self.dtype = dtype
+        self.device_name = device
+        self.trust_remote_code = trust_remote_code
+        self.device = next(model.parameters()).device
+        self.stats = GenStats()
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        self.eos_ids = sorted(i for i in ids if i is not None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kw) -> HFEngine:
+        model, tok = load_causal_lm(
+            path, dtype=kw.get("dtype", "bfloat16"), device=kw.get("device", "auto"),
+            trust_remote_code=kw.get("trust_remote_code", False),
+        )
+        return cls(model, tok, model_path=path, **kw)
+
+    # -- prompts -------------------------------------------------------------------------------
+    def chat_prompt(self, question: str, system: str | None = None, suffix: str = "") -> str:
+        system = self.system_prompt if system is None else system
+        msgs = [{"role": "system", "content": system}] if system else []
+        msgs.append({"role": "user", "content": question + suffix})
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return "\n\n".join(m["content"] for m in msgs) + "\n\n"
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _encode(self, text: str) -> list[int]:
+        # Chat-templated prompts already hold their special tokens.
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompts, params: GenParams, *, n=1, seeds=None, kv_policy=None, batch_size=8,
+                 progress: ProgressFn | None = None, logprobs=False) -> list[list[Completion]]:
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        results: list[list[Completion | None]] = [[None] * n for _ in prompts]
+        for s in range(0, len(rows), batch_size):
+            batch = rows[s : s + batch_size]
+            gens = None
+            if not params.greedy:
+                gens = []
+                for i, j in batch:
+                    g = torch.Generator(device="cpu")
+                    g.manual_seed(((seeds[i] if seeds else 0) * 1_000_003 + j) % (2**63 - 1))
+                    gens.append(g)
+            outs = self._decode([prompts[i] for i, _ in batch], params, gens, kv_policy or KVPolicy(), logprobs)
+            for (i, j), c in zip(batch, outs, strict=True):
+                results[i][j] = c
+            if progress:
+                progress(len(batch))
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _decode(self, prompts: list[str], params: GenParams, gens, policy: KVPolicy, want_logprobs: bool):
+        from transformers import DynamicCache
+
+        enc = [self._encode(p) for p in prompts]
+        B = len(enc)
+        L = max(len(e) for e in enc)
+        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for r, e in enumerate(enc):
+            input_ids[r, L - len(e):] = torch.tensor(e)
+            mask[r, L - len(e):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        mask = policy.begin(cache, mask, [len(e) for e in enc])
+        logits = out.logits[:, -1, :]
+        next_pos = pos[:, -1] + 1
+        t1 = time.perf_counter()
+        self.stats.prefill_s += t1 - t0
+
+        active = list(range(B))  # original row index of each live batch row
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        finish: list[str | None] = [None] * B
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        max_stop = max((len(s) for s in params.stop), default=0)
+        peak = kv_cache_bytes(cache)
+        step = 0
+        while True:
+            nxt = self._pick(logits, params, [gens[r] for r in active] if gens else None)
+            if want_logprobs:
+                lp = -token_scores(logits, nxt).surprisal
+            done_rows = []
+            nxt_list = nxt.tolist()
+            is_eos = torch.isin(nxt, eos).tolist()
+            for k, r in enumerate(active):
+                if is_eos[k]:
+                    finish[r] = "eos"
+                    done_rows.append(k)
+                    continue
+                tokens[r].append(nxt_list[k])
+                if want_logprobs:
+                    lps[r].append(float(lp[k]))
+                if max_stop:
+                    tail = self.tokenizer.decode(tokens[r][-(max_stop + 8):], skip_special_tokens=True)
+                    if any(st in tail for st in params.stop):
+                        finish[r] = "stop"
+                        done_rows.append(k)
+                        continue
+                if len(tokens[r]) >= params.max_new_tokens:
+                    finish[r] = "length"
+                    done_rows.append(k)
+            step += 1
+            if len(done_rows) == len(active):
+                break
+            if done_rows:
+                keep = [k for k in range(len(active)) if k not in set(done_rows)]
+                idx = torch.tensor(keep, device=self.device)
+                _select_rows(cache, idx)
+                mask, next_pos, nxt = mask.index_select(0, idx), next_pos.index_select(0, idx), nxt.index_select(0, idx)
+                active = [active[k] for k in keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+            mask = policy.after_step(cache, mask, step)
+            peak = max(peak, kv_cache_bytes(cache))
+        t2 = time.perf_counter()
+        self.stats.decode_s += t2 - t1
+        self.stats.steps += step
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, peak)
+        results = []
+        for r in range(B):
+            text = self.tokenizer.decode(tokens[r], skip_special_tokens=True)
+            if finish[r] == "stop":
+                first = min((text.find(s) for s in params.stop if s in text), default=-1)
+                if first >= 0:
+                    text = text[:first]
+            self.stats.new_tokens += len(tokens[r])
+            self.stats.sequences += 1
+            results.append(Completion(text=text, token_ids=tokens[r], finish_reason=finish[r] or "length",
+                                      logprobs=lps[r] if want_logprobs else None))
+        return results
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, params: GenParams, gens: list[torch.Generator] | None) -> torch.Tensor:
+        if params.greedy or gens is None:
+            return logits.argmax(dim=-1)
+        x = logits.float() / params.temperature
+        probs = torch.softmax(x, dim=-1)
+        if params.top_p < 1.0:
+            sp, si = probs.sort(dim=-1, descending=True)
+            cum = sp.cumsum(-1)
+            drop = cum - sp > params.top_p  # keep the smallest prefix whose mass reaches top_p
+            sp = sp.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, si, sp)
+        probs = probs.cpu()
+        picks = [torch.multinomial(probs[k], 1, generator=g) for k, g in enumerate(gens)]
+        return torch.cat(picks).to(logits.device)
+
+    # -- teacher forcing -----------------------------------------------------------------------
+    def _hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+    def _lm_head(self):
+        return self.model.get_output_embeddings()
+
+    @torch.inference_mode()
+    def score(self, prompts, continuations, *, batch_size=4) -> list[list[float]]:
+        out: list[list[float]] = []
+        for s in range(0, len(prompts), batch_size):
+            ps, cs = prompts[s : s + batch_size], continuations[s : s + batch_size]
+            pe = [self._encode(p) for p in ps]
+            ce = [self._encode(c) for c in cs]
+            seqs = [a + b for a, b in zip(pe, ce, strict=True)]
+            T = max(len(x) for x in seqs)
+            ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, x in enumerate(seqs):
+                ids[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            h = self._hidden(ids.to(self.device), mask.to(self.device))
+            head = self._lm_head()
+            for r in range(len(seqs)):
+                n_p, n_c = len(pe[r]), len(ce[r])
+                if n_c == 0:
+                    out.append([])
+                    continue
+                hs = h[r, n_p - 1 : n_p - 1 + n_c]
+                tgt = torch.tensor(ce[r], device=self.device)
+                vals = []
+                for c0 in range(0, n_c, 128):
+                    logits = head(hs[c0 : c0 + 128])
+                    vals.append(-token_scores(logits, tgt[c0 : c0 + 128]).surprisal)
+                out.append(torch.cat(vals).tolist())
+        return out
+
+    @torch.inference_mode()
+    def iter_logits(self, prompt, continuation, *, chunk_size=128) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pe, ce = self._encode(prompt), self._encode(continuation)
+        ids = torch.tensor([pe + ce], device=self.device)
+        h = self._hidden(ids, torch.ones_like(ids))[0, len(pe) - 1 : len(pe) - 1 + len(ce)]
+        tgt = torch.tensor(ce, device=self.device)
+        head = self._lm_head()
+        for c0 in range(0, len(ce), chunk_size):
+            yield head(h[c0 : c0 + chunk_size]), tgt[c0 : c0 + chunk_size]
+
+    # -- adapters ------------------------------------------------------------------------------
+    def with_adapter(self, adapter_path: str) -> HFEngine:
+        from peft import PeftModel
+
+        if self.model_path is None:
+            raise ModelError("with_adapter needs an engine loaded from a path")
+        model, tok = load_causal_lm(self.model_path, dtype=self.dtype, device=self.device_name,
+                                    trust_remote_code=self.trust_remote_code)
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+        model.eval()
+        return HFEngine(model, tok, model_path=self.model_path, system_prompt=self.system_prompt, dtype=self.dtype,
+                        device=self.device_name, trust_remote_code=self.trust_remote_code)
+
+
+def build_hf_engine(config) -> HFEngine:
+    from thinkpress.core.models import resolve_model_path
+
+    path = resolve_model_path(config.model)
+    return HFEngine.from_pretrained(path, system_prompt=config.system_prompt, dtype=config.dtype,
+                                    device=config.device, trust_remote_code=config.trust_remote_code)

@@ -1,0 +1,129 @@
+"""Answer extraction, grading and metrics.
+
+Extraction order for a model's completion (the first that matches wins):
+
+1. the last ``\\boxed{...}`` (balanced braces), as MATH-style and R1-style models answer;
+2. ``The answer is X`` / ``Final answer: X``;
+3. GSM8K's ``#### X``;
+4. the last number in the text.
+
+Equivalence uses ``math-verify`` (``parse`` + ``verify``), not hand-written sympy; plain numbers are
+compared numerically first (fast path; commas and a trailing ``.0`` do not matter).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from statistics import mean
+from typing import Any
+
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # no warnings about disabled signal timeouts
+
+_NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` with balanced braces."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    for start in reversed(starts):
+        depth, i = 1, start
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start : i - 1].strip()
+    return None
+
+
+def gsm8k_gold(solution: str) -> str:
+    """The gold answer of a GSM8K solution: the number after ``####``."""
+    if "####" not in solution:
+        raise ValueError("GSM8K solution has no '####' answer line")
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def extract_answer(text: str) -> str | None:
+    boxed = last_boxed(text)
+    if boxed:
+        return boxed
+    m = list(re.finditer(r"(?:the (?:final )?answer is|final answer\s*[:=])\s*:?\s*\$?([^\n$]+)", text, re.I))
+    if m:
+        ans = m[-1].group(1).strip().rstrip(".").strip()
+        num = re.search(_NUM, ans)
+        return num.group(0).replace("$", "") if num and len(ans) > 24 else ans
+    m = list(re.finditer(r"####\s*(" + _NUM + ")", text))
+    if m:
+        return m[-1].group(1).replace("$", "")
+    nums = re.findall(_NUM, text)
+    if nums:
+        return nums[-1].replace("$", "").rstrip(".")
+    return None
+
+
+def _as_number(s: str) -> float | None:
+    t = s.strip().strip("$").replace(",", "").replace("\\!", "")
+    t = re.sub(r"^\\text\{(.*)\}$", r"\1", t)
+    t = re.sub(r"\s*(?:dollars?|units?|cm|m|kg|%)$", "", t)
+    try:
+        return float(t)
+    except ValueError:
+        return None
+
+
+def is_equivalent(pred: str | None, gold: str) -> bool:
+    if pred is None or not pred.strip():
+        return False
+    a, b = _as_number(pred), _as_number(gold)
+    if a is not None and b is not None:
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+    try:
+        from math_verify import parse, verify
+
+        g = parse(f"${gold}$", parsing_timeout=None)
+        p = parse(f"${pred}$", parsing_timeout=None)
+        if g and p:
+            return bool(verify(g, p, timeout_seconds=None))
+    except Exception:  # noqa: BLE001 - an unparsable answer is simply not equivalent
+        pass
+    return pred.strip() == gold.strip()
+
+
+def grade(text: str, gold: str) -> tuple[str | None, bool]:
+    pred = extract_answer(text)
+    return pred, is_equivalent(pred, gold)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return float(s[lo] + (s[hi] - s[lo]) * (k - lo))
+
+
+def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: float, peak_kv_bytes: int | None,
+              base_mean_tokens: float | None = None) -> dict[str, Any]:
+    """Metrics of one evaluation variant from its prediction records."""
+    n = len(predictions)
+    toks = [p["n_tokens"] for p in predictions]
+    correct = [p["n_tokens"] for p in predictions if p["correct"]]
+    gen = sum(toks)
+    m = {
+        "n": n,
+        "accuracy": sum(p["correct"] for p in predictions) / n if n else 0.0,
+        "mean_tokens": mean(toks) if toks else 0.0,
+        "mean_tokens_correct": mean(correct) if correct else None,
+        "p50_tokens": percentile(toks, 0.5),
+        "p90_tokens": percentile(toks, 0.9),
+        "p50_tokens_correct": percentile(correct, 0.5) if correct else None,
+        "p90_tokens_correct": percentile(correct, 0.9) if correct else None,
+        "truncation_rate": sum(p["finish_reason"] == "length" for p in predictions) / n if n else 0.0,
+        "latency_s": wall_s / n if n else 0.0,
+        "decode_tokens_per_s": gen / decode_s if decode_s > 0 else 0.0,
+        "peak_kv_bytes": peak_kv_bytes,
+    }
+    if base_mean_tokens:
+        m["tokens_saved"] = 1.0 - m["mean_tokens"] / base_mean_tokens
+    return m

@@ -1,0 +1,405 @@
+"""The pipeline: resolve ``--plugins`` into components, run the five stages in order, evaluate, report.
+
+Resolution rules (``resolve_plan``):
+
+* every name in ``plugins`` must be an installed entry point or a built-in (else: error listing them);
+* a single-valued stage (sampler, selector, trainer) takes ``stages.<stage>`` if set, else the
+  default component of the one selected plugin that provides it, else ``baseline``'s; two selected
+  plugins providing it is an error naming both and how to choose;
+* refiners and trace pruners chain in ``--plugins`` order (or ``stages.refiners`` / ``stages.pruners``);
+* KV pruners (decode-time policies) add evaluation variants;
+* the training stages run when a selected plugin provides one of them (``train`` overrides): a run of
+  KV pruners alone is an evaluation run.
+
+All of this, the component configs (``components.<name>``) and the datasets are checked before the
+run directory is touched. Each stage goes through the ``run_stage`` hook and is cached under a
+content key (see :mod:`thinkpress.core.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from thinkpress.core.config import RunConfig, dump_yaml, format_validation_error
+from thinkpress.core.context import UI, RunState, StageContext
+from thinkpress.core.data import Prediction, Problem, Sample, TrainingSet, TrainResult, read_jsonl, write_jsonl
+from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
+from thinkpress.core.evaluation import grade, summarize
+from thinkpress.core.models import model_identity
+from thinkpress.core.plugins import ComponentEntry, Registry, get_registry, is_kv
+from thinkpress.core.stages import SINGLE_STAGES, Component, EvalVariant
+from thinkpress.core.store import RunStore, atomic_write_json, stable_hash
+
+log = logging.getLogger("thinkpress")
+
+TRAINING_STAGES = ("sampler", "selector", "refiner", "pruner", "trainer")
+
+
+@dataclass
+class Planned:
+    entry: ComponentEntry
+    instance: Component
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+@dataclass
+class Plan:
+    sampler: Planned
+    selector: Planned
+    refiners: list[Planned]
+    trace_pruners: list[Planned]
+    trainer: Planned
+    kv_pruners: list[Planned]
+    train: bool
+    component_configs: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"train": self.train}
+        if self.train:
+            d |= {"sampler": self.sampler.name, "selector": self.selector.name,
+                  "refiners": [p.name for p in self.refiners], "pruners": [p.name for p in self.trace_pruners],
+                  "trainer": self.trainer.name}
+        d["kv_pruners"] = [p.name for p in self.kv_pruners]
+        return d
+
+
+def _instantiate(entry: ComponentEntry, cfg: RunConfig) -> Planned:
+    raw = cfg.components.get(entry.name, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"components.{entry.name}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        conf = entry.cls.Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix=f"components.{entry.name}")) from None
+    return Planned(entry, entry.cls(conf))
+
+
+def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
+    reg.require_plugins(cfg.plugins)
+    for name in cfg.components:
+        if reg.find_component(name) is None:
+            known = sorted(n for s in reg.components.values() for n in s)
+            raise ConfigError(f"components.{name}: no component named {name!r}; known components: {', '.join(known)}")
+        _instantiate(reg.find_component(name), cfg)  # validate even if not selected
+
+    def single(stage: str) -> ComponentEntry:
+        explicit = getattr(cfg.stages, stage)
+        if explicit:
+            try:
+                return reg.component(stage, explicit)
+            except PluginError as e:
+                raise ConfigError(f"stages.{stage}: {e}") from None
+        providers = [p for p in cfg.plugins if reg.by_plugin(stage, p)]
+        if len(providers) > 1:
+            opts = ", ".join(f"{reg.by_plugin(stage, p)[0].name!r} ({p})" for p in providers)
+            raise PluginError(f"plugins {' and '.join(repr(p) for p in providers)} both provide a {stage}: {opts}. "
+                              f"Choose one with --set stages.{stage}=<component name>, or drop a plugin.")
+        owner = providers[0] if providers else "baseline"
+        found = reg.by_plugin(stage, owner)
+        if not found:
+            raise PluginError(f"no {stage} available (plugin {owner!r} provides none)")
+        return found[0]
+
+    def chain(stage: str, explicit: list[str] | None, want_kv: bool | None) -> list[ComponentEntry]:
+        if explicit is not None:
+            out = []
+            for n in explicit:
+                try:
+                    out.append(reg.component(stage, n))
+                except PluginError as e:
+                    raise ConfigError(f"stages.{'refiners' if stage == 'refiner' else 'pruners'}: {e}") from None
+            return [e for e in out if want_kv is None or is_kv(e) == want_kv]
+        out = []
+        for p in cfg.plugins:
+            found = [e for e in reg.by_plugin(stage, p) if want_kv is None or is_kv(e) == want_kv]
+            if found:
+                out.append(found[0])
+        return out
+
+    refiners = chain("refiner", cfg.stages.refiners, None)
+    trace = chain("pruner", cfg.stages.pruners, False)
+    kv = chain("pruner", cfg.stages.pruners, True)
+    provides_training = any(
+        any(not is_kv(e) for e in reg.by_plugin(stage, p)) for p in cfg.plugins for stage in TRAINING_STAGES
+    ) or any(getattr(cfg.stages, s) for s in SINGLE_STAGES) or bool(cfg.stages.refiners)
+    train = provides_training if cfg.train is None else cfg.train
+    return Plan(
+        sampler=_instantiate(single("sampler"), cfg),
+        selector=_instantiate(single("selector"), cfg),
+        refiners=[_instantiate(e, cfg) for e in refiners],
+        trace_pruners=[_instantiate(e, cfg) for e in trace],
+        trainer=_instantiate(single("trainer"), cfg),
+        kv_pruners=[_instantiate(e, cfg) for e in kv],
+        train=train,
+    )
+
+
+def load_problems(cfg: RunConfig, reg: Registry, which: str) -> tuple[list[Problem], dict]:
+    spec = getattr(cfg, which)
+    loader = reg.dataset(spec.name)
+    stats: dict = {}
+    probs = loader(spec.split, path=spec.path, limit=None if spec.difficulty else spec.limit, seed=cfg.seed,
+                   shuffle=spec.shuffle, skip_invalid=spec.skip_invalid, stats=stats)
+    if spec.difficulty:
+        probs = [p for p in probs if p.difficulty in spec.difficulty][: spec.limit]
+    if not probs:
+        raise ConfigError(f"{which}: dataset {spec.name!r} split {spec.split!r} has no problems")
+    if stats.get("skipped"):
+        log.warning("%s: skipped %d malformed rows", which, stats["skipped"])
+    return probs, stats
+
+
+def _git_state() -> dict[str, Any]:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        if head.returncode == 0:
+            return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {}
+
+
+def _manifest(cfg: RunConfig) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from thinkpress import __version__
+
+    return {
+        "thinkpress": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "transformers": transformers.__version__, "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "seed": cfg.seed, "config_hash": cfg.config_hash(), "git": _git_state(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Runner:
+    """Runs one resolved config."""
+
+    def __init__(self, cfg: RunConfig, *, registry: Registry | None = None, ui: UI | None = None,
+                 overwrite: bool = False):
+        self.cfg = cfg
+        self.reg = registry or get_registry()
+        self.ui = ui or UI()
+        self.overwrite = overwrite
+        # Everything that can be wrong with the input is checked here, before any work.
+        self.plan = resolve_plan(cfg, self.reg)
+        self.test_problems, _ = load_problems(cfg, self.reg, "test_data") if cfg.eval.enabled else ([], {})
+        self.train_problems, _ = load_problems(cfg, self.reg, "train_data") if self.plan.train else ([], {})
+        self.reg.engine(cfg.engine)
+        self.model_id = model_identity(cfg.model)
+        self.store = RunStore(cfg.run_dir(), cfg.stage_cache_dir())
+        self.state = RunState(cfg, self.reg, self.store, self.ui)
+        self.stage_info: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+
+    # -- stages --------------------------------------------------------------------------------
+    def _run(self, index: int, stage: str, planned: Planned, inputs: dict, input_keys: list[str]) -> tuple[Any, str]:
+        comp = planned.instance
+        key = stable_hash(stage, planned.name, comp.config.model_dump(mode="json"), input_keys, self.model_id,
+                          self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype)
+        path = self.store.stage_cache(key)
+        label = f"{index}-{stage}-{planned.name}"
+        ctx = StageContext(run=self.state, stage=stage, component=planned.name, workdir=path, key=key)
+        if self.store.is_complete(path):
+            self.ui.info(f"[{stage}:{planned.name}] cached ({key[:12]})")
+            meta = json.loads((path / "meta.json").read_text())
+            result = self._load_output(stage, path)
+            meta["cached"] = True
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            result = self.reg.pm.hook.run_stage(stage=stage, component=comp, inputs=inputs, ctx=ctx)
+            if result is None:
+                raise PluginError(f"run_stage returned nothing for {stage} {planned.name!r}")
+            wall = time.perf_counter() - t0
+            self._save_output(stage, path, result)
+            meta = {"stage": stage, "component": planned.name, "plugin": planned.entry.plugin, "key": key,
+                    "inputs": input_keys, "config": comp.config.model_dump(mode="json"), "wall_s": wall,
+                    "peak_rss_mb_process": _peak_rss_mb(), "stats": ctx.stats, "cached": False}
+            atomic_write_json(path / "meta.json", meta)  # the completion marker: written last
+        self.store.publish_stage(path, label)
+        self.stage_info[label] = {k: meta.get(k) for k in ("component", "plugin", "key", "wall_s", "cached", "stats")}
+        return result, key
+
+    @staticmethod
+    def _save_output(stage: str, path: Path, result: Any) -> None:
+        if stage == "sampler":
+            write_jsonl(path / "samples.jsonl", result)
+        elif stage == "trainer":
+            res = result.model_copy()
+            if res.adapter_path and Path(res.adapter_path).is_relative_to(path):
+                res.adapter_path = str(Path(res.adapter_path).relative_to(path))
+            atomic_write_json(path / "result.json", res.model_dump(mode="json"))
+        else:
+            if not isinstance(result, TrainingSet):
+                raise PluginError(f"{stage} must return a TrainingSet, got {type(result).__name__}")
+            write_jsonl(path / "examples.jsonl", result.examples)
+            write_jsonl(path / "pairs.jsonl", result.pairs)
+
+    @staticmethod
+    def _load_output(stage: str, path: Path) -> Any:
+        if stage == "sampler":
+            return read_jsonl(path / "samples.jsonl", Sample)
+        if stage == "trainer":
+            return TrainResult.model_validate(json.loads((path / "result.json").read_text()))
+        from thinkpress.core.data import Example, PreferencePair
+
+        return TrainingSet(examples=read_jsonl(path / "examples.jsonl", Example),
+                           pairs=read_jsonl(path / "pairs.jsonl", PreferencePair))
+
+    def _adapter_abs(self, result: TrainResult, key: str) -> str | None:
+        if not result.adapter_path:
+            return None
+        p = Path(result.adapter_path)
+        return str(p if p.is_absolute() else self.store.stage_cache(key) / p)
+
+    def train(self) -> tuple[TrainResult | None, str | None, Planned | None]:
+        if not self.plan.train:
+            return None, None, None
+        p = self.plan
+        data_key = stable_hash([x.model_dump(mode="json") for x in self.train_problems])
+        samples, k = self._run(1, "sampler", p.sampler, {"problems": self.train_problems}, [data_key])
+        data, k = self._run(2, "selector", p.selector, {"samples": samples, "problems": self.train_problems}, [k])
+        i = 3
+        for r in p.refiners:
+            data, k = self._run(i, "refiner", r, {"data": data}, [k])
+            i += 1
+        for r in p.trace_pruners:
+            data, k = self._run(i, "pruner", r, {"data": data}, [k])
+            i += 1
+        if not data.examples and not data.pairs:
+            raise ThinkpressError(
+                "the training set is empty after selection (no correct samples, or none kept); the finished "
+                "stages are cached. Use more problems (train_data.limit), more samples or a stronger model."
+            )
+        result, k = self._run(i, "trainer", p.trainer, {"data": data}, [k])
+        return result, k, p.trainer
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def variants(self, result: TrainResult | None, train_key: str | None, trainer: Planned | None) -> list[EvalVariant]:
+        base: list[EvalVariant] = [EvalVariant(name="base", params={})] if self.cfg.eval.base else []
+        trained: list[EvalVariant] = []
+        if result is not None and result.adapter_path:
+            adapter = self._adapter_abs(result, train_key)
+            ctx = StageContext(self.state, "trainer", trainer.name, self.store.stage_cache(train_key), train_key)
+            custom = trainer.instance.eval_variants(ctx)
+            trained = custom if custom is not None else [EvalVariant(name="trained", params={})]
+            for v in trained:
+                v.adapter = v.adapter or adapter
+                v.params.setdefault("adapter_key", train_key[:12])
+        out = base + trained
+        for kv in self.plan.kv_pruners:
+            for params in kv.instance.variants():
+                for v in base + trained:
+                    tag = ",".join(f"{k}={val}" for k, val in params.items())
+                    out.append(EvalVariant(name=f"{v.name}+{kv.name}" + (f"@{tag}" if tag else ""),
+                                           params={**v.params, "kv_policy": kv.name, **params}, adapter=v.adapter,
+                                           prompt_suffix=v.prompt_suffix, kv_pruner=kv.name, kv_params=params,
+                                           max_new_tokens=v.max_new_tokens))
+        return out
+
+    def evaluate_variant(self, v: EvalVariant, base_mean: float | None) -> dict[str, Any]:
+        from thinkpress.core.engines.base import GenParams
+
+        g = self.cfg.eval.generation
+        params = GenParams(max_new_tokens=v.max_new_tokens or g.max_new_tokens, temperature=g.temperature,
+                           top_p=g.top_p, stop=g.stop)
+        test_key = stable_hash([x.model_dump(mode="json") for x in self.test_problems])
+        key = stable_hash("eval", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, v.adapter and
+                          Path(v.adapter).name, v.params.get("adapter_key"), test_key, g.model_dump(mode="json"),
+                          self.model_id, self.cfg.system_prompt, self.cfg.dtype, self.cfg.seed)
+        path = self.store.stage_cache(key)
+        ctx = StageContext(self.state, "eval", v.name, path, key)
+        engine = self.state.engine(v.adapter)
+        policy = None
+        if v.kv_pruner:
+            kv = next(p for p in self.plan.kv_pruners if p.name == v.kv_pruner)
+            policy = kv.instance.make_policy(v.kv_params)
+
+        def run_chunk(chunk: list[Problem]) -> list[Prediction]:
+            engine.stats.reset()
+            t0 = time.perf_counter()
+            prompts = [engine.chat_prompt(p.question, suffix=v.prompt_suffix) for p in chunk]
+            outs = engine.generate(prompts, params, n=1, batch_size=g.batch_size, kv_policy=policy)
+            wall = time.perf_counter() - t0
+            recs = []
+            for p, o in zip(chunk, outs, strict=True):
+                pred, ok = grade(o[0].text, p.answer)
+                recs.append(Prediction(problem_id=p.id, completion=o[0].text, n_tokens=o[0].n_tokens,
+                                       finish_reason=o[0].finish_reason, pred=pred, correct=ok,
+                                       decode_s=engine.stats.decode_s / len(chunk), wall_s=wall / len(chunk),
+                                       peak_kv_bytes=engine.stats.peak_kv_bytes))
+            return recs
+
+        recs = ctx.journal_map(self.test_problems, run_chunk, chunk_size=g.batch_size, item_id=lambda p: p.id,
+                               desc=f"eval {v.name}")
+        out_dir = self.store.dir / "eval" / v.name.replace("/", "_")
+        write_jsonl(out_dir / "predictions.jsonl", recs)
+        metrics = summarize(recs, wall_s=sum(r["wall_s"] for r in recs), decode_s=sum(r["decode_s"] for r in recs),
+                            peak_kv_bytes=max((r["peak_kv_bytes"] for r in recs), default=None),
+                            base_mean_tokens=base_mean)
+        row = {"name": v.name, "params": v.params, **metrics}
+        atomic_write_json(out_dir / "metrics.json", row)
+        return row
+
+    # -- the whole run -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from thinkpress.core.report import write_report
+
+        cfg = self.cfg
+        resumed = self.store.claim(dump_yaml(cfg), cfg.config_hash(), overwrite=self.overwrite)
+        handler = logging.FileHandler(self.store.dir / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            manifest = _manifest(cfg) | {"resumed": resumed, "plan": self.plan.describe()}
+            atomic_write_json(self.store.dir / "manifest.json", manifest)
+            self.ui.info(f"run directory {self.store.dir} ({'resuming' if resumed else 'new'}); "
+                         f"plan: {self.plan.describe()}")
+            t0 = time.perf_counter()
+            result, train_key, trainer = self.train()
+            self.timings["train_s"] = time.perf_counter() - t0
+            rows: list[dict[str, Any]] = []
+            if cfg.eval.enabled:
+                t1 = time.perf_counter()
+                base_mean = None
+                for v in self.variants(result, train_key, trainer):
+                    row = self.evaluate_variant(v, base_mean if v.name != "base" else None)
+                    if v.name == "base":
+                        base_mean = row["mean_tokens"]
+                    rows.append(row)
+                self.timings["eval_s"] = time.perf_counter() - t1
+            self.timings["total_s"] = time.perf_counter() - t0
+            manifest |= {"timings": self.timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         "peak_rss_mb_process": _peak_rss_mb()}
+            atomic_write_json(self.store.dir / "manifest.json", manifest)
+            return write_report(self, rows)
+        finally:
+            log.removeHandler(handler)
+            handler.close()

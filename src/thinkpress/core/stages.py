@@ -1,0 +1,142 @@
+"""Stage base classes: the fixed signatures of the five stages.
+
+A method component is a class with a ``name``, a nested pydantic ``Config`` (``extra="forbid"``,
+every field described) and the one method of its stage's base class. The pipeline instantiates it
+with its validated config (``Component(config)``) and calls the method with the stage input and a
+:class:`~thinkpress.core.context.StageContext`.
+
+Stages, in order: sampler -> selector -> refiner* -> trace pruner* -> trainer; KV pruners are used
+by the engine while decoding (in evaluation, and in sampling when configured).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from thinkpress.core.data import Problem, Sample, TrainingSet, TrainResult
+
+if TYPE_CHECKING:
+    from thinkpress.core.context import StageContext
+    from thinkpress.core.engines.base import KVPolicy
+
+STAGES = ("sampler", "selector", "refiner", "pruner", "trainer")
+SINGLE_STAGES = ("sampler", "selector", "trainer")
+"""Stages with exactly one component per run (the others chain)."""
+
+
+class ComponentConfig(BaseModel):
+    """Base of every component's ``Config``: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Component(ABC):  # noqa: B024 - the stage bases declare the abstract method
+    """Base of every stage component."""
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    class Config(ComponentConfig):
+        pass
+
+    def __init__(self, config: ComponentConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def eval_variants(self, ctx: StageContext) -> list[EvalVariant] | None:
+        """Evaluation variants this component adds (trainers: how to evaluate the trained model).
+
+        ``None`` means the default (one variant named ``trained`` when an adapter was produced).
+        """
+        return None
+
+
+@dataclass
+class EvalVariant:
+    """One row of the evaluation: a model (base or base + adapter), a prompt and a KV policy."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
+    prompt_suffix: str = ""
+    """Text appended to the question in the user turn (e.g. a TokenSkip ratio tag)."""
+    kv_pruner: str | None = None
+    kv_params: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+
+
+class Sampler(Component):
+    stage = "sampler"
+
+    @abstractmethod
+    def sample(self, problems: list[Problem], ctx: StageContext) -> list[Sample]:
+        """Generate and grade completions for ``problems``."""
+        ...
+
+
+class Selector(Component):
+    stage = "selector"
+
+    @abstractmethod
+    def select(self, samples: list[Sample], problems: list[Problem], ctx: StageContext) -> TrainingSet:
+        """Turn graded samples into SFT examples and/or preference pairs."""
+        ...
+
+
+class Refiner(Component):
+    stage = "refiner"
+
+    @abstractmethod
+    def refine(self, data: TrainingSet, ctx: StageContext) -> TrainingSet:
+        """Rewrite the reasoning of the training set."""
+        ...
+
+
+class TracePruner(Component):
+    """A pruner that removes tokens from training examples."""
+
+    stage = "pruner"
+    kind: ClassVar[str] = "trace"
+
+    @abstractmethod
+    def prune(self, data: TrainingSet, ctx: StageContext) -> TrainingSet:
+        """Return the training set with tokens removed from the reasoning."""
+        ...
+
+
+class KVPruner(Component):
+    """A pruner that is a decode-time KV-cache policy, applied by the engine while generating."""
+
+    stage = "pruner"
+    kind: ClassVar[str] = "kv"
+
+    def variants(self) -> list[dict[str, Any]]:
+        """Parameter sets to evaluate (e.g. one per budget); each becomes one evaluation variant."""
+        return [{}]
+
+    @abstractmethod
+    def make_policy(self, params: dict[str, Any]) -> KVPolicy:
+        """Build the cache policy for one variant's parameters."""
+        ...
+
+
+class Trainer(Component):
+    stage = "trainer"
+
+    @abstractmethod
+    def train(self, data: TrainingSet, ctx: StageContext) -> TrainResult:
+        """Train on the training set; save the adapter under ``ctx.workdir``."""
+        ...
+
+
+STAGE_BASES: dict[str, tuple[type[Component], ...]] = {
+    "sampler": (Sampler,),
+    "selector": (Selector,),
+    "refiner": (Refiner,),
+    "pruner": (TracePruner, KVPruner),
+    "trainer": (Trainer,),
+}

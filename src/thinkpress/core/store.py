@@ -1,0 +1,191 @@
+"""Run store: the run directory, the content-keyed stage cache and resumable journals.
+
+Layout of a run directory ``runs/<name>/``::
+
+    config.yaml        resolved config (written first; a different config is never silently reused)
+    manifest.json      versions, seed, git state, hardware, timings
+    run.log            log of the run
+    stages/<i>-<stage>-<component>/   copy of each stage output (JSONL + meta.json)
+    eval/<variant>/predictions.jsonl, metrics.json
+    report.json, report.md, plot.png
+
+Stage outputs live in the stage cache (``<cache_dir>/<key>/``), where ``key`` hashes the stage, the
+component and its config, the keys of its inputs and the model identity. An ablation grid whose
+runs share upstream stages computes them once; a killed run finds its finished stages there.
+Long stages (sampling, evaluation) append finished chunks of problems to ``journal.jsonl`` in the
+stage's cache directory: one JSON line per chunk, flushed and fsync'd, so a rerun resumes after the
+last completed chunk without duplicating or losing samples (a torn last line is ignored).
+All other writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from thinkpress.core.errors import RunStoreError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def stable_hash(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+class Journal:
+    """Append-only record of finished chunks of a long stage (for resume)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict[str, list[dict]]:
+        """Finished chunks: chunk id -> records. A torn (partial) last line is dropped."""
+        done: dict[str, list[dict]] = {}
+        if not self.path.exists():
+            return done
+        good_bytes = 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    break
+                done[entry["chunk"]] = entry["records"]
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:  # drop a torn tail so later appends stay parseable
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+        return done
+
+    def append(self, chunk_id: str, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"chunk": chunk_id, "records": records}, ensure_ascii=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def chunked(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def resumable_map(
+    journal: Journal,
+    items: list,
+    fn: Callable[[list], list[BaseModel]],
+    *,
+    chunk_size: int,
+    item_id: Callable[[Any], str],
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[list[dict], int]:
+    """Apply ``fn`` to fixed chunks of ``items``, journaling each finished chunk.
+
+    Chunks are fixed by position and content (the ids of their items), so a resumed run processes
+    exactly the chunks an uninterrupted run would, with the same batch composition (and so the same
+    numbers). Returns all records in item order and the number of chunks reused from the journal.
+    """
+    done = journal.load()
+    out: list[dict] = []
+    reused = 0
+    for chunk in chunked(items, max(1, chunk_size)):
+        cid = stable_hash([item_id(x) for x in chunk])
+        if cid in done:
+            out.extend(done[cid])
+            reused += 1
+        else:
+            records = [r.model_dump(mode="json") for r in fn(chunk)]
+            journal.append(cid, records)
+            out.extend(records)
+        if on_chunk:
+            on_chunk(len(chunk))
+    return out, reused
+
+
+class RunStore:
+    """The run directory of one run plus the shared stage cache."""
+
+    def __init__(self, run_dir: Path, cache_dir: Path):
+        self.dir = Path(run_dir)
+        self.cache_dir = Path(cache_dir)
+
+    def claim(self, config_yaml: str, config_hash: str, overwrite: bool = False) -> bool:
+        """Create or reuse the run directory. Returns True when resuming an existing run.
+
+        A directory holding a different config is refused unless ``overwrite`` (then it is cleared).
+        """
+        cfg_path = self.dir / "config.yaml"
+        hash_path = self.dir / "config.hash"
+        if self.dir.exists() and any(self.dir.iterdir()):
+            old = hash_path.read_text().strip() if hash_path.exists() else None
+            if old == config_hash:
+                return True
+            if not overwrite:
+                why = "a different config" if old else "files that are not a thinkpress run"
+                raise RunStoreError(
+                    f"run directory {self.dir} holds {why} (hash {old} != {config_hash}); "
+                    "choose another --out or pass --overwrite to replace it"
+                )
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_path, config_yaml)
+        atomic_write_text(hash_path, config_hash + "\n")
+        return False
+
+    def stage_cache(self, key: str) -> Path:
+        return self.cache_dir / key
+
+    @staticmethod
+    def is_complete(path: Path) -> bool:
+        return (path / "meta.json").exists()
+
+    def publish_stage(self, cache_path: Path, label: str) -> Path:
+        """Copy a finished stage output from the cache into the run directory."""
+        dest = self.dir / "stages" / label
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(cache_path, dest, ignore=shutil.ignore_patterns("journal.jsonl", "*.tmp"))
+        return dest
+
+    def path(self, *parts: str) -> Path:
+        p = self.dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def write_records(path: Path, records: Iterable[BaseModel]) -> int:
+    from thinkpress.core.data import write_jsonl
+
+    records = list(records)
+    write_jsonl(path, records)
+    return len(records)

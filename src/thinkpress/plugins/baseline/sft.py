@@ -1,0 +1,193 @@
+"""LoRA SFT on completion tokens only (prompt tokens masked), with peft.
+
+A plain training loop rather than ``transformers.Trainer``: it runs on CPU with bf16 autocast,
+checkpoints the adapter (``adapter_last_good/``) so that a non-finite loss stops training with a
+clear error while keeping the last good weights, and reports progress through the run's UI.
+Several GPUs: launch ``thinkpress run`` under ``accelerate launch``; the loop uses ``Accelerator``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from thinkpress.core.context import StageContext
+from thinkpress.core.data import Example, TrainingSet, TrainResult
+from thinkpress.core.errors import TrainingError
+from thinkpress.core.stages import ComponentConfig, Trainer
+
+ALL_LINEAR = "all-linear"
+
+
+class SFTConfig(ComponentConfig):
+    rank: int = Field(default=8, ge=1, description="LoRA rank r")
+    alpha: int = Field(default=16, ge=1, description="LoRA alpha")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field(default=ALL_LINEAR,
+                                                              description="Modules to adapt ('all-linear' or names)")
+    lr: float = Field(default=1e-4, gt=0.0, description="Peak learning rate")
+    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the training set (fractions allowed)")
+    batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch")
+    grad_accum: int = Field(default=2, ge=1, description="Micro-batches per optimizer step")
+    max_length: int = Field(default=512, ge=8, description="Truncate prompt+completion to this many tokens")
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Linear warmup fraction of the steps")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="LR schedule after warmup")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm")
+    autocast_bf16: bool = Field(default=True, description="bf16 autocast (weights stay fp32)")
+    save_every: int = Field(default=10, ge=1, description="Checkpoint the adapter every N optimizer steps")
+
+
+def encode_example(tok, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (prompt masked with -100); None when the prompt leaves no room."""
+    p = tok(prompt, add_special_tokens=False).input_ids
+    c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = (p + c)[:max_length]
+    labels = ([-100] * len(p) + c)[:max_length]
+    if all(x == -100 for x in labels):
+        return None
+    return ids, labels
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    T = max(len(x) for x, _ in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for r, (x, y) in enumerate(batch):
+        ids[r, : len(x)] = torch.tensor(x)
+        labels[r, : len(y)] = torch.tensor(y)
+        mask[r, : len(x)] = 1
+    return ids, labels, mask
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        prog = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1.0 - prog) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+    return f
+
+
+def load_trainable(ctx: StageContext, cfg: SFTConfig):
+    """The base model in fp32 with a fresh LoRA adapter, and its tokenizer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from thinkpress.core.models import resolve_model_path
+
+    hf_logging.disable_progress_bar()
+    path = resolve_model_path(ctx.config.model)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=ctx.config.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=ctx.config.trust_remote_code)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg), tok
+
+
+def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *, out_dir: Path) -> TrainResult:
+    """Train a LoRA adapter on ``examples``; the adapter is saved in ``out_dir / "adapter"``."""
+    from accelerate import Accelerator
+
+    if not examples:
+        raise TrainingError("no training examples: every sample was filtered out (see the selector's counts)")
+    torch.manual_seed(ctx.seed)
+    model, tok = load_trainable(ctx, cfg)
+    encoded = [e for e in (encode_example(tok, x.prompt, x.completion, cfg.max_length) for x in examples) if e]
+    if not encoded:
+        raise TrainingError(f"every example's prompt is longer than max_length={cfg.max_length}")
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
+                      mixed_precision="bf16" if cfg.autocast_bf16 else "no")
+    micro_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total_micro = max(1, math.ceil(micro_per_epoch * cfg.epochs))
+    total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps),
+                                                             cfg.scheduler))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    model.train()
+    good_dir, final_dir = out_dir / "adapter_last_good", out_dir / "adapter"
+
+    def checkpoint(step: int) -> None:
+        tmp = out_dir / "adapter_tmp"
+        acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        if good_dir.exists():
+            shutil.rmtree(good_dir)
+        tmp.rename(good_dir)
+
+    checkpoint(0)
+    rng = random.Random(ctx.seed)
+    losses: list[float] = []
+    step, micro, t0 = 0, 0, time.perf_counter()
+    order: list[int] = []
+    with ctx.ui.progress(f"training ({total_steps} steps)", total_steps) as advance:
+        while micro < total_micro:
+            if not order:
+                order = list(range(len(encoded)))
+                rng.shuffle(order)
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+            ids, labels, mask = collate([encoded[i] for i in idx], tok.pad_token_id)
+            ids, labels, mask = ids.to(acc.device), labels.to(acc.device), mask.to(acc.device)
+            with acc.accumulate(model), acc.autocast():
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite training loss ({loss.item()}) at optimizer step {step}, micro-batch {micro}; "
+                        f"stopped. The last good adapter is kept in {good_dir}. Lower the learning rate "
+                        f"(components.<trainer>.lr, now {cfg.lr}) or check the data."
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            losses.append(loss.item())
+            micro += 1
+            if acc.sync_gradients:
+                step += 1
+                advance(1)
+                if step % cfg.save_every == 0:
+                    checkpoint(step)
+    wall = time.perf_counter() - t0
+    tmp = out_dir / "adapter_tmp"
+    acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    tmp.rename(final_dir)
+    metrics = {
+        "examples": len(encoded), "steps": step, "micro_batches": micro, "wall_s": wall,
+        "s_per_step": wall / max(1, step), "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_mean_last_epoch": sum(losses[-micro_per_epoch:]) / len(losses[-micro_per_epoch:]),
+    }
+    ctx.stats.update(metrics)
+    ctx.log(f"trained {step} steps in {wall:.0f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return TrainResult(adapter_path=str(final_dir), metrics=metrics)
+
+
+class LoraSFT(Trainer):
+    name = "lora-sft"
+    description = "LoRA SFT on completion tokens only (prompt masked), bf16 autocast on CPU"
+
+    Config = SFTConfig
+
+    def train(self, data: TrainingSet, ctx: StageContext) -> TrainResult:
+        return train_lora_sft(data.examples, ctx, self.config, out_dir=ctx.workdir)
