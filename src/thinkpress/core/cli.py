@@ -18,7 +18,7 @@ from rich.table import Table
 from thinkpress import __version__
 from thinkpress.core.errors import ThinkpressError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(e: Exception) -> None:

@@ -169,6 +169,11 @@ def parse_set(expr: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            value = float(value) if any(c.isdigit() for c in value) else value
+        except ValueError:
+            pass
     return key.split("."), value
 
 

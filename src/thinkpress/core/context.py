@@ -26,7 +26,7 @@ class UI:
 
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.quiet = quiet
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
 
     def info(self, msg: str) -> None:
         log.info(msg)

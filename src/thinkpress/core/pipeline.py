@@ -37,7 +37,7 @@ from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Prediction, Problem, Sample, TrainingSet, TrainResult, read_jsonl, write_jsonl
 from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
 from thinkpress.core.evaluation import grade, summarize
-from thinkpress.core.models import model_identity
+from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
 from thinkpress.core.plugins import ComponentEntry, Registry, get_registry, is_kv
 from thinkpress.core.stages import SINGLE_STAGES, Component, EvalVariant
 from thinkpress.core.store import RunStore, atomic_write_json, stable_hash
@@ -211,6 +211,8 @@ class Runner:
         self.test_problems, _ = load_problems(cfg, self.reg, "test_data") if cfg.eval.enabled else ([], {})
         self.train_problems, _ = load_problems(cfg, self.reg, "train_data") if self.plan.train else ([], {})
         self.reg.engine(cfg.engine)
+        if cfg.model not in EMBEDDED_MODELS:
+            resolve_model_path(cfg.model)  # a missing local model fails here, not after sampling
         self.model_id = model_identity(cfg.model)
         self.store = RunStore(cfg.run_dir(), cfg.stage_cache_dir())
         self.state = RunState(cfg, self.reg, self.store, self.ui)

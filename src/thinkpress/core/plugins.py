@@ -157,7 +157,11 @@ def _hooks_of(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     return sorted(h.name for h in (pm.get_hookcallers(plugin) or []))
 
 
-def build_plugin_manager(load_entry_points: bool = True) -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
+def build_plugin_manager(
+    load_entry_points: bool = True, extra_plugins: dict[str, Any] | None = None
+) -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
+    """Create the plugin manager: entry-point plugins, then ``extra_plugins`` (objects registered
+    programmatically, e.g. in tests or notebooks), then the built-ins."""
     pm = pluggy.PluginManager("thinkpress")
     pm.add_hookspecs(hookspecs)
     infos: dict[str, PluginInfo] = {}
@@ -180,11 +184,23 @@ def build_plugin_manager(load_entry_points: bool = True) -> tuple[pluggy.PluginM
                 pm.register(mod, name=ep.name)
                 pm.check_pending()
             except Exception as e:  # noqa: BLE001 - any failure marks the plugin broken
-                if pm.is_registered(pm.get_plugin(ep.name)):
+                if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
                 info.broken = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
                 continue
             info.hooks = _hooks_of(pm, mod)
+
+    for name, obj in (extra_plugins or {}).items():
+        info = infos[name] = PluginInfo(name=name, module=getattr(obj, "__name__", type(obj).__name__))
+        try:
+            pm.register(obj, name=name)
+            pm.check_pending()
+        except Exception as e:  # noqa: BLE001
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+            info.broken = f"{type(e).__name__}: {e}"
+            continue
+        info.hooks = _hooks_of(pm, obj)
 
     from thinkpress import __version__
 
@@ -200,7 +216,8 @@ def build_plugin_manager(load_entry_points: bool = True) -> tuple[pluggy.PluginM
 
 def _call_registration(pm, infos, registry: Registry, hook_name: str, make_register) -> None:
     caller = getattr(pm.hook, hook_name)
-    # pluggy returns implementations last-registered-first; register in registration order.
+    # Built-ins (registered last) are collected first: a name clash then breaks the third-party
+    # plugin, never the core.
     for impl in reversed(caller.get_hookimpls()):
         plugin = impl.plugin_name
         info = infos.get(plugin)
@@ -212,9 +229,9 @@ def _call_registration(pm, infos, registry: Registry, hook_name: str, make_regis
             info.broken = f"{hook_name} raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
 
 
-def build_registry(load_entry_points: bool = True) -> Registry:
+def build_registry(load_entry_points: bool = True, extra_plugins: dict[str, Any] | None = None) -> Registry:
     """Discover plugins and collect every component they register."""
-    pm, infos = build_plugin_manager(load_entry_points)
+    pm, infos = build_plugin_manager(load_entry_points, extra_plugins)
     reg = Registry(pm, infos)
 
     for stage, hook in STAGE_HOOKS.items():

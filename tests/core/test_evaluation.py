@@ -1,0 +1,50 @@
+import pytest
+
+from thinkpress.core.evaluation import extract_answer, grade, is_equivalent, last_boxed, percentile, summarize
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the total is \\boxed{42}.", "42"),
+        ("\\boxed{1} then \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+        ("Nested \\boxed{\\sqrt{x^{2}}} end", "\\sqrt{x^{2}}"),
+        ("Step 1: 3+4=7.\nThe answer is 12.", "12"),
+        ("blah\n#### 1,250", "1,250"),
+        ("We get 5 apples, then 9 apples", "9"),
+        ("no numbers", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_unbalanced_boxed_falls_back():
+    assert last_boxed("\\boxed{12") is None
+    assert extract_answer("\\boxed{12") == "12"
+
+
+@pytest.mark.parametrize(
+    "pred, gold, ok",
+    [("1,000", "1000", True), ("18.0", "18", True), ("\\frac{1}{2}", "0.5", True), ("\\dfrac{3}{4}", "\\frac34", True),
+     ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)", True), ("17", "18", False), (None, "1", False),
+     ("x+1", "1+x", True)],
+)
+def test_equivalence(pred, gold, ok):
+    assert is_equivalent(pred, gold) is ok
+
+
+def test_grade_and_summary_by_hand():
+    preds = [
+        {"n_tokens": 10, "correct": True, "finish_reason": "eos"},
+        {"n_tokens": 30, "correct": False, "finish_reason": "length"},
+        {"n_tokens": 20, "correct": True, "finish_reason": "eos"},
+        {"n_tokens": 40, "correct": False, "finish_reason": "eos"},
+    ]
+    m = summarize(preds, wall_s=8.0, decode_s=2.0, peak_kv_bytes=123, base_mean_tokens=50.0)
+    assert m["accuracy"] == 0.5 and m["mean_tokens"] == 25 and m["mean_tokens_correct"] == 15
+    assert m["p50_tokens"] == 25 and m["p90_tokens"] == pytest.approx(37.0)
+    assert m["truncation_rate"] == 0.25 and m["latency_s"] == 2.0 and m["decode_tokens_per_s"] == 50.0
+    assert m["tokens_saved"] == 0.5 and m["peak_kv_bytes"] == 123
+    assert grade("The answer is \\boxed{7}", "7") == ("7", True)
+    assert percentile([], 0.5) == 0.0
