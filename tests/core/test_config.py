@@ -61,6 +61,23 @@ def test_component_config_errors_name_the_key_path_before_any_work(tmp_path):
     assert not out.exists()  # nothing written
 
 
+def test_skip_invalid_rows_are_counted_before_work(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = '{"question": "1+1?", "answer": "#### 2"}\nnot json\n{"question": "2+2?", "answer": "#### 4"}\n'
+    (d / "train.jsonl").write_text(rows)
+    (d / "test.jsonl").write_text(rows)
+    base = ["train_data.name=jsonl", f"train_data.path={d}", "test_data.name=jsonl", f"test_data.path={d}",
+            f"out={tmp_path / 'run'}", "model=smollm2-135m"]
+    from thinkpress.core.errors import DataError
+
+    with pytest.raises(DataError, match=r"(train|test)\.jsonl:2: malformed JSONL row"):
+        Runner(build_config(sets=base))
+    runner = Runner(build_config(sets=[*base, "train_data.skip_invalid=true", "test_data.skip_invalid=true"]))
+    assert runner.skipped_rows == {"train_data": 1, "test_data": 1} and len(runner.test_problems) == 2
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_hash_ignores_output_location():
     a = build_config(sets=["out=/tmp/a"])
     b = build_config(sets=["out=/tmp/b"])

@@ -208,8 +208,9 @@ class Runner:
         self.overwrite = overwrite
         # Everything that can be wrong with the input is checked here, before any work.
         self.plan = resolve_plan(cfg, self.reg)
-        self.test_problems, _ = load_problems(cfg, self.reg, "test_data") if cfg.eval.enabled else ([], {})
-        self.train_problems, _ = load_problems(cfg, self.reg, "train_data") if self.plan.train else ([], {})
+        self.test_problems, test_stats = load_problems(cfg, self.reg, "test_data") if cfg.eval.enabled else ([], {})
+        self.train_problems, train_stats = load_problems(cfg, self.reg, "train_data") if self.plan.train else ([], {})
+        self.skipped_rows = {"train_data": train_stats.get("skipped", 0), "test_data": test_stats.get("skipped", 0)}
         self.reg.engine(cfg.engine)
         if cfg.model not in EMBEDDED_MODELS:
             resolve_model_path(cfg.model)  # a missing local model fails here, not after sampling
@@ -380,7 +381,10 @@ class Runner:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         try:
-            manifest = _manifest(cfg) | {"resumed": resumed, "plan": self.plan.describe()}
+            manifest = _manifest(cfg) | {"resumed": resumed, "plan": self.plan.describe(),
+                                         "skipped_rows": self.skipped_rows}
+            if any(self.skipped_rows.values()):
+                self.ui.info(f"skipped malformed dataset rows: {self.skipped_rows}")
             atomic_write_json(self.store.dir / "manifest.json", manifest)
             self.ui.info(f"run directory {self.store.dir} ({'resuming' if resumed else 'new'}); "
                          f"plan: {self.plan.describe()}")

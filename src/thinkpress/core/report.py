@@ -65,7 +65,9 @@ def write_report(runner: Runner, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "config_hash": cfg.config_hash(),
         "plugins": cfg.plugins,
         "model": cfg.model,
-        "dataset": {"name": spec.name, "split": spec.split, "path": spec.path, "n": len(runner.test_problems)},
+        "dataset": {"name": spec.name, "split": spec.split, "path": spec.path, "n": len(runner.test_problems),
+                    "skipped_rows": runner.skipped_rows["test_data"],
+                    "train_skipped_rows": runner.skipped_rows["train_data"]},
         "variants": [{k: r.get(k) for k in CONTRACT_KEYS} | {k: v for k, v in r.items() if k not in CONTRACT_KEYS}
                      for r in rows],
         "stages": runner.stage_info,
