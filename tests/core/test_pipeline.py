@@ -39,8 +39,8 @@ def _samples(out):
 def test_killed_run_resumes_with_same_numbers_and_no_lost_or_duplicated_samples(
         tmp_path, smollm_path, example_plugin_site):
     env = cli_env(example_plugin_site)
-    # uninterrupted reference run
-    ref = subprocess.run(_cmd(_args(smollm_path, tmp_path / "ref", tmp_path / "cache_ref")), env=env,
+    # uninterrupted reference run, with relative --out and cache_dir (paths must not depend on the cwd)
+    ref = subprocess.run(_cmd(_args(smollm_path, "ref", "cache_ref")), env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=900)
     assert ref.returncode == 0, ref.stderr
     # the same run, killed with SIGKILL after its first finished sampling chunk

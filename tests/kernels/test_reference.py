@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from thinkpress.kernels import token_scores
+from thinkpress.kernels.reference import token_scores
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -137,7 +137,8 @@ class RunStore:
 
     def __init__(self, run_dir: Path, cache_dir: Path):
         self.dir = Path(run_dir)
-        self.cache_dir = Path(cache_dir)
+        # Absolute, so that paths components return (adapters) do not depend on the working directory.
+        self.cache_dir = Path(cache_dir).resolve()
 
     def claim(self, config_yaml: str, config_hash: str, overwrite: bool = False) -> bool:
         """Create or reuse the run directory. Returns True when resuming an existing run.
