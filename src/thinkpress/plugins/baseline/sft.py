@@ -44,6 +44,8 @@ class SFTConfig(ComponentConfig):
     max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm")
     autocast_bf16: bool = Field(default=True, description="bf16 autocast (weights stay fp32)")
     save_every: int = Field(default=10, ge=1, description="Checkpoint the adapter every N optimizer steps")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward "
+                                         "(less memory, more time; see docs/baseline.md)")
 
 
 def encode_example(tok, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]] | None:
@@ -113,6 +115,9 @@ def load_trainable(ctx: StageContext, cfg: SFTConfig):
                                                  trust_remote_code=ctx.config.trust_remote_code)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                       task_type="CAUSAL_LM")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return get_peft_model(model, lcfg), tok
 
 
