@@ -333,9 +333,10 @@ class Runner:
         params = GenParams(max_new_tokens=v.max_new_tokens or g.max_new_tokens, temperature=g.temperature,
                            top_p=g.top_p, stop=g.stop)
         test_key = stable_hash([x.model_dump(mode="json") for x in self.test_problems])
-        key = stable_hash("eval", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, v.adapter and
-                          Path(v.adapter).name, v.params.get("adapter_key"), test_key, g.model_dump(mode="json"),
-                          self.model_id, self.cfg.system_prompt, self.cfg.dtype, self.cfg.seed)
+        # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter
+        key = stable_hash("eval", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, test_key,
+                          g.model_dump(mode="json"), self.model_id, self.cfg.system_prompt, self.cfg.dtype,
+                          self.cfg.seed)
         path = self.store.stage_cache(key)
         ctx = StageContext(self.state, "eval", v.name, path, key)
         engine = self.state.engine(v.adapter)

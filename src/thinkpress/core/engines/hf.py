@@ -202,7 +202,8 @@ class HFEngine(Engine):
             if len(done_rows) == len(active):
                 break
             if done_rows:
-                keep = [k for k in range(len(active)) if k not in set(done_rows)]
+                gone = set(done_rows)
+                keep = [k for k in range(len(active)) if k not in gone]
                 idx = torch.tensor(keep, device=self.device)
                 _select_rows(cache, idx)
                 mask, next_pos, nxt = mask.index_select(0, idx), next_pos.index_select(0, idx), nxt.index_select(0, idx)
