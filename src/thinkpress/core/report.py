@@ -49,6 +49,9 @@ def plot(rows: list[dict[str, Any]], path) -> None:
         ax.scatter(r["mean_tokens"], 100 * r["accuracy"], s=50)
         ax.annotate(r["name"], (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 5),
                     fontsize=8)
+    # Axes start at zero so that small differences are not drawn as large ones.
+    ax.set_xlim(0, 1.1 * max((r["mean_tokens"] for r in rows), default=1.0) or 1.0)
+    ax.set_ylim(0, 100)
     ax.set_xlabel("mean output tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs. output length (one point per variant)")
