@@ -195,11 +195,11 @@ def format_validation_error(e: ValidationError, prefix: str = "") -> str:
         loc = ".".join(str(x) for x in err["loc"])
         if prefix:
             loc = f"{prefix}.{loc}" if loc else prefix
-        msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{loc or '<root>'}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden"
-                                                     and not isinstance(err.get("input"), dict) else ""))
+            lines.append(f"{loc}: unknown key")
+            continue
+        got = "" if isinstance(err.get("input"), dict) else f" (got {err['input']!r})"
+        lines.append(f"{loc or '<root>'}: {err['msg']}{got}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

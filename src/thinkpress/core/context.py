@@ -68,9 +68,6 @@ class RunState:
                 self._engines[key] = self.engine().with_adapter(adapter)
         return self._engines[key]
 
-    def release(self, adapter: str | None) -> None:
-        self._engines.pop(adapter or "", None)
-
 
 @dataclass
 class StageContext:

@@ -61,7 +61,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
-FAST_MODEL = "smollm2-135m"
 
 
 def cache_root() -> Path:

@@ -215,6 +215,7 @@ class Runner:
         if cfg.model not in EMBEDDED_MODELS:
             resolve_model_path(cfg.model)  # a missing local model fails here, not after sampling
         self.model_id = model_identity(cfg.model)
+        self.test_key = stable_hash([x.model_dump(mode="json") for x in self.test_problems])
         self.store = RunStore(cfg.run_dir(), cfg.stage_cache_dir())
         self.state = RunState(cfg, self.reg, self.store, self.ui)
         self.stage_info: dict[str, Any] = {}
@@ -332,9 +333,8 @@ class Runner:
         g = self.cfg.eval.generation
         params = GenParams(max_new_tokens=v.max_new_tokens or g.max_new_tokens, temperature=g.temperature,
                            top_p=g.top_p, stop=g.stop)
-        test_key = stable_hash([x.model_dump(mode="json") for x in self.test_problems])
         # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter
-        key = stable_hash("eval", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, test_key,
+        key = stable_hash("eval", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, self.test_key,
                           g.model_dump(mode="json"), self.model_id, self.cfg.system_prompt, self.cfg.dtype,
                           self.cfg.seed)
         path = self.store.stage_cache(key)

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,15 +178,3 @@ class RunStore:
         shutil.copytree(cache_path, dest, ignore=shutil.ignore_patterns("journal.jsonl", "*.tmp"))
         return dest
 
-    def path(self, *parts: str) -> Path:
-        p = self.dir.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-
-
-def write_records(path: Path, records: Iterable[BaseModel]) -> int:
-    from thinkpress.core.data import write_jsonl
-
-    records = list(records)
-    write_jsonl(path, records)
-    return len(records)

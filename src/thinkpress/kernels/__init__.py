@@ -95,8 +95,6 @@ def key_redundancy(keys: torch.Tensor, *, exemption_threshold: float | None = No
     search for each key's most recent similar copy runs in Triton (or chunked torch).
     """
     reference._check_keys(keys)
-    if exemption_threshold is None or not use_triton(backend, keys):
-        return reference.key_redundancy(keys, exemption_threshold=exemption_threshold)
-    n = keys.shape[2]
-    last, val = _triton_ops().last_similar(keys, exemption_threshold)
-    return reference.key_redundancy(keys) - reference.scatter_exempt(last, val, n) / n
+    triton = exemption_threshold is not None and use_triton(backend, keys)
+    return reference.key_redundancy(keys, exemption_threshold=exemption_threshold,
+                                    find_last=_triton_ops().last_similar if triton else None)

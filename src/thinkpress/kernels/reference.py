@@ -224,7 +224,7 @@ def last_similar(keys: torch.Tensor, threshold: float, *, chunk_size: int = 1024
 
 
 def key_redundancy(
-    keys: torch.Tensor, *, exemption_threshold: float | None = None, chunk_size: int = 1024
+    keys: torch.Tensor, *, exemption_threshold: float | None = None, chunk_size: int = 1024, find_last=None
 ) -> torch.Tensor:
     """R-KV's redundancy before its softmax: the mean cosine similarity each key gets from the keys; [B, H, N] fp32.
 
@@ -235,13 +235,17 @@ def key_redundancy(
     the latest copy of a repeated token is spared: by symmetry that is the sum form minus a scatter of
     the exempted cosines, and only :func:`last_similar` is O(N^2 * d). (R-KV's code zeroes column 0
     when a row has no similar key; here nothing is exempted then.) R-KV then takes ``softmax`` over keys.
+    ``find_last(keys, threshold)`` replaces :func:`last_similar` (the Triton kernel plugs in here).
     """
     _check_keys(keys)
     n = keys.shape[2]
     kn = torch.nn.functional.normalize(keys.float(), dim=-1)
     col = (kn * kn.sum(dim=2, keepdim=True)).sum(-1) - (kn * kn).sum(-1)
     if exemption_threshold is not None:
-        last, val = last_similar(keys, exemption_threshold, chunk_size=chunk_size)
+        if find_last is None:
+            last, val = last_similar(keys, exemption_threshold, chunk_size=chunk_size)
+        else:
+            last, val = find_last(keys, exemption_threshold)
         col = col - scatter_exempt(last, val, n)
     return col / n
 
@@ -253,6 +257,3 @@ def scatter_exempt(last: torch.Tensor, val: torch.Tensor, n: int) -> torch.Tenso
     out.scatter_add_(-1, target, val)
     return out[..., :n]
 
-
-def softmax_over_keys(scores: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(scores, dim=-1)

@@ -255,8 +255,11 @@ class HFEngine(Engine):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
 
-    def _lm_head(self):
-        return self.model.get_output_embeddings()
+    def _head_chunks(self, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        """LM-head logits over ``hidden`` [T, H], ``chunk_size`` positions at a time (never [T, V] at once)."""
+        head = self.model.get_output_embeddings()
+        for c0 in range(0, len(targets), chunk_size):
+            yield head(hidden[c0 : c0 + chunk_size]), targets[c0 : c0 + chunk_size]
 
     @torch.inference_mode()
     def score(self, prompts, continuations, *, batch_size=4) -> list[list[float]]:
@@ -273,7 +276,6 @@ class HFEngine(Engine):
                 ids[r, : len(x)] = torch.tensor(x)
                 mask[r, : len(x)] = 1
             h = self._hidden(ids.to(self.device), mask.to(self.device))
-            head = self._lm_head()
             for r in range(len(seqs)):
                 n_p, n_c = len(pe[r]), len(ce[r])
                 if n_c == 0:
@@ -281,11 +283,8 @@ class HFEngine(Engine):
                     continue
                 hs = h[r, n_p - 1 : n_p - 1 + n_c]
                 tgt = torch.tensor(ce[r], device=self.device)
-                vals = []
-                for c0 in range(0, n_c, 128):
-                    logits = head(hs[c0 : c0 + 128])
-                    vals.append(-token_scores(logits, tgt[c0 : c0 + 128]).surprisal)
-                out.append(torch.cat(vals).tolist())
+                out.append(torch.cat([-token_scores(lg, t).surprisal
+                                      for lg, t in self._head_chunks(hs, tgt, 128)]).tolist())
         return out
 
     @torch.inference_mode()
@@ -293,10 +292,7 @@ class HFEngine(Engine):
         pe, ce = self._encode(prompt), self._encode(continuation)
         ids = torch.tensor([pe + ce], device=self.device)
         h = self._hidden(ids, torch.ones_like(ids))[0, len(pe) - 1 : len(pe) - 1 + len(ce)]
-        tgt = torch.tensor(ce, device=self.device)
-        head = self._lm_head()
-        for c0 in range(0, len(ce), chunk_size):
-            yield head(h[c0 : c0 + chunk_size]), tgt[c0 : c0 + chunk_size]
+        yield from self._head_chunks(h, torch.tensor(ce, device=self.device), chunk_size)
 
     # -- adapters ------------------------------------------------------------------------------
     def with_adapter(self, adapter_path: str) -> HFEngine:
