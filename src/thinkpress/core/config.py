@@ -113,18 +113,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "components": {
             "rejection-sampler": {"n": 4, "temperature": 0.7, "max_new_tokens": 128, "batch_size": 32},
             "lora-sft": {"epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 256, "lr": 2e-4},
+            "self-sampler": {"n": 8, "max_new_tokens": 128, "batch_size": 64},
+            "kl-step": {"n_candidates": 8, "window": 128, "max_steps": 4, "batch_size": 64},
+            "dpo-l": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "max_length": 256, "lr": 2e-4},
         },
     },
     # Qwen2.5-Coder-0.5B: the README's main job, at most about 20 minutes on 2 cores.
     "default": {
         "preset": "default",
         "model": "qwen2.5-coder-0.5b",
-        "train_data": {"name": "arith", "split": "train", "limit": 24},
+        "train_data": {"name": "arith", "split": "train", "limit": 32},
         "test_data": {"name": "arith", "split": "test", "limit": 48},
         "eval": {"generation": {"max_new_tokens": 320, "batch_size": 16}},
         "components": {
             "rejection-sampler": {"n": 2, "max_new_tokens": 320, "batch_size": 16},
             "lora-sft": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "max_length": 512, "lr": 2e-4},
+            "self-sampler": {"n": 6, "max_new_tokens": 320, "batch_size": 32},
         },
     },
 }

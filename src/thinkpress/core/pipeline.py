@@ -297,9 +297,12 @@ class Runner:
             data, k = self._run(i, "pruner", r, {"data": data}, [k])
             i += 1
         if not data.examples and not data.pairs:
+            counts = {k: v for k, v in self.stage_info.get(f"2-selector-{p.selector.name}", {}).get("stats", {}).items()
+                      if isinstance(v, int | float)}
             raise ThinkpressError(
-                "the training set is empty after selection (no correct samples, or none kept); the finished "
-                "stages are cached. Use more problems (train_data.limit), more samples or a stronger model."
+                f"the training set is empty after selection by {p.selector.name!r} ({counts}): no correct samples, "
+                "none kept, or (preference selectors) every problem all-correct or all-wrong. The finished stages "
+                "are cached. Use more or harder problems (train_data.limit), more samples or a stronger model."
             )
         result, k = self._run(i, "trainer", p.trainer, {"data": data}, [k])
         return result, k, p.trainer

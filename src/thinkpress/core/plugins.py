@@ -35,6 +35,7 @@ ENTRY_POINT_GROUP = "thinkpress"
 BUILTIN_PLUGINS: dict[str, str] = {
     "core": "thinkpress.core.builtins",
     "baseline": "thinkpress.plugins.baseline",
+    "tokensqueeze": "thinkpress.plugins.tokensqueeze",
 }
 """Built-in plugin name -> module. ``core`` provides the ``hf`` engine, datasets and ``run_stage``."""
 

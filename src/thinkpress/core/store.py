@@ -103,7 +103,7 @@ def chunked(items: list, size: int) -> Iterator[list]:
 def resumable_map(
     journal: Journal,
     items: list,
-    fn: Callable[[list], list[BaseModel]],
+    fn: Callable[[list], list[BaseModel | dict]],
     *,
     chunk_size: int,
     item_id: Callable[[Any], str],
@@ -124,7 +124,7 @@ def resumable_map(
             out.extend(done[cid])
             reused += 1
         else:
-            records = [r.model_dump(mode="json") for r in fn(chunk)]
+            records = [r.model_dump(mode="json") if isinstance(r, BaseModel) else r for r in fn(chunk)]
             journal.append(cid, records)
             out.extend(records)
         if on_chunk:

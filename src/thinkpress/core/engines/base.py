@@ -109,6 +109,30 @@ class Engine(ABC):
     def iter_logits(self, prompt: str, continuation: str, *, chunk_size: int = 128) -> Iterator[tuple[Any, Any]]:
         """Yield ``(logits[chunk, V], target_ids[chunk])`` over the continuation's positions, in chunks."""
 
+    def context_logits(self, contexts: list[str], continuation: str, *, max_tokens: int | None = None,
+                       chunk_size: int = 64) -> Iterator[tuple[Any, Any]]:
+        """Teacher-force the same ``continuation`` after each of ``contexts``.
+
+        Yields ``(logits[len(contexts), chunk, V], target_ids[chunk])`` over the first ``max_tokens``
+        continuation tokens (all when None), in chunks. This generic version runs one context at a
+        time through :meth:`iter_logits`; engines override it with a batched pass.
+        """
+        import torch
+
+        streams = [self.iter_logits(c, continuation, chunk_size=chunk_size) for c in contexts]
+        seen = 0
+        for parts in zip(*streams, strict=True):
+            logits = torch.stack([lg for lg, _ in parts])
+            targets = parts[0][1]
+            if max_tokens is not None and seen + len(targets) > max_tokens:
+                keep = max_tokens - seen
+                logits, targets = logits[:, :keep], targets[:keep]
+            if len(targets):
+                yield logits, targets
+            seen += len(targets)
+            if max_tokens is not None and seen >= max_tokens:
+                return
+
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         """Number of model tokens in ``text`` (no special tokens)."""

@@ -294,6 +294,25 @@ class HFEngine(Engine):
         h = self._hidden(ids, torch.ones_like(ids))[0, len(pe) - 1 : len(pe) - 1 + len(ce)]
         yield from self._head_chunks(h, torch.tensor(ce, device=self.device), chunk_size)
 
+    @torch.inference_mode()
+    def context_logits(self, contexts, continuation, *, max_tokens=None, chunk_size=64):
+        """Batched: contexts left-padded, so the shared continuation occupies the same columns in every row."""
+        ce = self._encode(continuation)[:max_tokens]
+        if not ce:
+            return
+        enc = [self._encode(c) + ce for c in contexts]
+        T = max(len(e) for e in enc)
+        ids = torch.full((len(enc), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, e in enumerate(enc):
+            ids[r, T - len(e):] = torch.tensor(e)
+            mask[r, T - len(e):] = 1
+        h = self._hidden(ids.to(self.device), mask.to(self.device))[:, T - len(ce) - 1 : T - 1]
+        head = self.model.get_output_embeddings()
+        tgt = torch.tensor(ce, device=self.device)
+        for c0 in range(0, len(ce), chunk_size):
+            yield head(h[:, c0 : c0 + chunk_size]), tgt[c0 : c0 + chunk_size]
+
     # -- adapters ------------------------------------------------------------------------------
     def with_adapter(self, adapter_path: str) -> HFEngine:
         from peft import PeftModel

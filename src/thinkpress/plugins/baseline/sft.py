@@ -13,8 +13,9 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
@@ -121,18 +122,43 @@ def load_trainable(ctx: StageContext, cfg: SFTConfig):
     return get_peft_model(model, lcfg), tok
 
 
-def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *, out_dir: Path) -> TrainResult:
-    """Train a LoRA adapter on ``examples``; the adapter is saved in ``out_dir / "adapter"``."""
+class LoraTask(Protocol):
+    """What :func:`train_lora` trains on: a list of encoded items and the loss of a micro-batch of them."""
+
+    def __len__(self) -> int: ...
+
+    def loss(self, model, idx: list[int], device) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of the items ``idx`` (a scalar with grad) and numbers to log (averaged per epoch)."""
+        ...
+
+
+class SFTTask:
+    def __init__(self, examples: list[Example], tok, cfg: SFTConfig):
+        self.items = [e for e in (encode_example(tok, x.prompt, x.completion, cfg.max_length) for x in examples) if e]
+        self.pad_id = tok.pad_token_id
+        if not self.items:
+            raise TrainingError(f"every example's prompt is longer than max_length={cfg.max_length}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def loss(self, model, idx, device):
+        ids, labels, mask = (t.to(device) for t in collate([self.items[i] for i in idx], self.pad_id))
+        return completion_loss(model, ids, mask, labels), {}
+
+
+def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
+               make_task: Callable[[Any, Any, Any], LoraTask]) -> TrainResult:
+    """The LoRA training loop shared by the trainers; the adapter is saved in ``out_dir / "adapter"``.
+
+    ``make_task(model, tokenizer, accelerator)`` encodes the data (and may run the model once, e.g.
+    for DPO's reference log-probs) after the model is loaded and before the first step.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    if not examples:
-        raise TrainingError("no training examples: every sample was filtered out (see the selector's counts)")
     torch.manual_seed(ctx.seed)
     model, tok = load_trainable(ctx, cfg)
-    encoded = [e for e in (encode_example(tok, x.prompt, x.completion, cfg.max_length) for x in examples) if e]
-    if not encoded:
-        raise TrainingError(f"every example's prompt is longer than max_length={cfg.max_length}")
     precision = "bf16" if cfg.autocast_bf16 else "no"
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", precision) != precision:
@@ -141,40 +167,41 @@ def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *
         AcceleratorState._reset_state()
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
                       mixed_precision=precision)
-    micro_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    model = acc.prepare(model)
+    task = make_task(model, tok, acc)
+    micro_per_epoch = math.ceil(len(task) / cfg.batch_size)
     total_micro = max(1, math.ceil(micro_per_epoch * cfg.epochs))
     total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps),
                                                              cfg.scheduler))
-    model, opt, sched = acc.prepare(model, opt, sched)
+    opt, sched = acc.prepare(opt, sched)
     model.train()
     good_dir, final_dir = out_dir / "adapter_last_good", out_dir / "adapter"
 
-    def checkpoint(step: int) -> None:
+    def save(dest: Path, step: int) -> None:
         tmp = out_dir / "adapter_tmp"
         acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
         (tmp / "step.json").write_text(json.dumps({"step": step}))
-        if good_dir.exists():
-            shutil.rmtree(good_dir)
-        tmp.rename(good_dir)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
 
-    checkpoint(0)
+    save(good_dir, 0)
     rng = random.Random(ctx.seed)
     losses: list[float] = []
+    logs: list[dict[str, float]] = []
     step, micro, t0 = 0, 0, time.perf_counter()
     order: list[int] = []
     with ctx.ui.progress(f"training ({total_steps} steps)", total_steps) as advance:
         while micro < total_micro:
             if not order:
-                order = list(range(len(encoded)))
+                order = list(range(len(task)))
                 rng.shuffle(order)
             idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-            ids, labels, mask = collate([encoded[i] for i in idx], tok.pad_token_id)
-            ids, labels, mask = ids.to(acc.device), labels.to(acc.device), mask.to(acc.device)
             with acc.accumulate(model), acc.autocast():
-                loss = completion_loss(model, ids, mask, labels)
+                loss, extra = task.loss(model, idx, acc.device)
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"non-finite training loss ({loss.item()}) at optimizer step {step}, micro-batch {micro}; "
@@ -188,26 +215,35 @@ def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *
                 sched.step()
                 opt.zero_grad()
             losses.append(loss.item())
+            logs.append(extra)
             micro += 1
             if acc.sync_gradients:
                 step += 1
                 advance(1)
                 if step % cfg.save_every == 0:
-                    checkpoint(step)
+                    save(good_dir, step)
     wall = time.perf_counter() - t0
-    tmp = out_dir / "adapter_tmp"
-    acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    tmp.rename(final_dir)
+    save(final_dir, step)
+    last = slice(-micro_per_epoch, None)
     metrics = {
-        "examples": len(encoded), "steps": step, "micro_batches": micro, "wall_s": wall,
+        "examples": len(task), "steps": step, "micro_batches": micro, "wall_s": wall,
         "s_per_step": wall / max(1, step), "loss_first": losses[0], "loss_last": losses[-1],
-        "loss_mean_last_epoch": sum(losses[-micro_per_epoch:]) / len(losses[-micro_per_epoch:]),
+        "loss_mean_last_epoch": sum(losses[last]) / len(losses[last]),
     }
+    for k in sorted({k for d in logs for k in d}):
+        vals = [d[k] for d in logs[last] if k in d]
+        if vals:
+            metrics[f"{k}_mean_last_epoch"] = sum(vals) / len(vals)
     ctx.stats.update(metrics)
     ctx.log(f"trained {step} steps in {wall:.0f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return TrainResult(adapter_path=str(final_dir), metrics=metrics)
+
+
+def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *, out_dir: Path) -> TrainResult:
+    """LoRA SFT on ``examples`` (completion tokens only)."""
+    if not examples:
+        raise TrainingError("no training examples: every sample was filtered out (see the selector's counts)")
+    return train_lora(ctx, cfg, out_dir=out_dir, make_task=lambda model, tok, acc: SFTTask(examples, tok, cfg))
 
 
 class LoraSFT(Trainer):

@@ -1,0 +1,59 @@
+"""Built-in ``tokensqueeze`` plugin: TokenSqueeze (NeurIPS 2025), Long2Short from self-generated data.
+
+Stages (defaults first; the others are ablation variants, chosen with ``--set stages.<stage>=``):
+
+* sampler ``self-sampler``: N graded samples per training problem at temperature 0.9;
+* selector ``q-dyn``: adaptive-depth positives (k = ceil(alpha * (1 - p) * c) shortest correct),
+  each paired with longer incorrect answers; variants ``shortest-correct``, ``fixed-quantile``,
+  ``extra-positives`` (see :mod:`.select`);
+* refiner ``kl-step``: distribution-aligned step refinement under a KL bound (see :mod:`.refine`);
+* trainer ``dpo-l``: eta * DPO-L + (1 - eta) * SFT(chosen) on a LoRA policy (see :mod:`.dpo`).
+
+See ``docs/tokensqueeze.md`` for every key, the command and measured numbers.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from thinkpress import hookimpl
+from thinkpress.plugins.baseline import RejectionSampler
+from thinkpress.plugins.tokensqueeze.dpo import DPOLTrainer
+from thinkpress.plugins.tokensqueeze.refine import KLStepRefiner
+from thinkpress.plugins.tokensqueeze.select import SELECTORS
+
+
+class SelfSampler(RejectionSampler):
+    name = "self-sampler"
+    description = "N self-samples per training problem at temperature 0.9, graded (TokenSqueeze step 1)"
+
+    class Config(RejectionSampler.Config):
+        n: int = Field(default=8, ge=2, description="Samples per problem (N >= 2: p = c/N needs two)")
+        temperature: float = Field(default=0.9, gt=0.0, description="Sampling temperature")
+        top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold")
+        max_new_tokens: int = Field(default=512, ge=1, description="Token limit per sample (longer: truncated, "
+                                    "graded, usable as a rejected answer)")
+        batch_size: int = Field(default=32, ge=1, description="Sequences decoded together")
+
+
+@hookimpl
+def register_samplers(register):
+    register(SelfSampler)
+
+
+@hookimpl
+def register_selectors(register):
+    for cls in SELECTORS:
+        register(cls)
+
+
+
+
+@hookimpl
+def register_refiners(register):
+    register(KLStepRefiner)
+
+
+@hookimpl
+def register_trainers(register):
+    register(DPOLTrainer)

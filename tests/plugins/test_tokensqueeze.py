@@ -1,0 +1,304 @@
+"""TokenSqueeze: selection, the DPO-L loss by hand, reference log-probs, refinement, training on real models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import cli_env, run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from thinkpress.core.config import build_config
+from thinkpress.core.context import UI, RunState, StageContext
+from thinkpress.core.data import Example, PreferencePair, Problem, Sample, TrainingSet
+from thinkpress.core.engines.hf import HFEngine
+from thinkpress.core.errors import ConfigError, TrainingError
+from thinkpress.core.pipeline import Runner
+from thinkpress.core.plugins import build_registry
+from thinkpress.core.store import RunStore
+from thinkpress.plugins.baseline.sft import collate, encode_example
+from thinkpress.plugins.tokensqueeze.dpo import DPOLConfig, DPOLTrainer, DPOTask, completion_logps, dpo_l_loss
+from thinkpress.plugins.tokensqueeze.refine import KLStepConfig, KLStepRefiner, split_steps, window_kl
+from thinkpress.plugins.tokensqueeze.select import ExtraPositives, FixedQuantile, QDyn, ShortestCorrect
+
+
+def _ctx(tmp_path, model="smollm2-135m", stage="selector", sets=()):
+    cfg = build_config(preset="smoke", sets=[f"model={model}", f"out={tmp_path / 'run'}", "dtype=float32", *sets])
+    state = RunState(cfg, build_registry(load_entry_points=False), RunStore(tmp_path / "run", tmp_path / "c"),
+                     UI(quiet=True))
+    return StageContext(run=state, stage=stage, component="x", workdir=tmp_path / "work", key="k")
+
+
+def _s(pid, i, n_tokens, correct, finish="eos"):
+    return Sample(problem_id=pid, index=i, prompt=f"Q{pid}", completion=f"{pid}-{i}", n_tokens=n_tokens,
+                  finish_reason=finish, correct=correct)
+
+
+def _problem(pid, level):
+    return Problem(id=pid, question="q", answer="1", difficulty=level)
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+def _mixed():
+    # problem a: N=8, c=4 correct (lengths 50, 30, 70, 90), 4 incorrect (20, 60, 100, 320 truncated)
+    a = [_s("a", 0, 50, True), _s("a", 1, 30, True), _s("a", 2, 70, True), _s("a", 3, 90, True),
+         _s("a", 4, 20, False), _s("a", 5, 60, False), _s("a", 6, 100, False), _s("a", 7, 320, False, "length")]
+    b = [_s("b", i, 40 + i, True) for i in range(4)]  # p = 1: no pairs
+    c = [_s("c", i, 40 + i, False) for i in range(4)]  # p = 0: no pairs
+    return a + b + c, [_problem("a", 2), _problem("b", 1), _problem("c", 3)]
+
+
+def test_q_dyn_takes_k_shortest_correct_against_longer_incorrect(tmp_path):
+    samples, probs = _mixed()
+    ctx = _ctx(tmp_path)
+    out = QDyn(QDyn.Config()).select(samples, probs, ctx)
+    # p = 4/8, q = 0.2 * 0.5 = 0.1, k = ceil(0.4) = 1: the 30-token answer, vs incorrect longer ones (60, 100, 320)
+    assert [(p.chosen, p.rejected) for p in out.pairs] == [("a-1", "a-7"), ("a-1", "a-6"), ("a-1", "a-5")]
+    assert [e.completion for e in out.examples] == ["a-1"]
+    assert out.pairs[0].meta["chosen_tokens"] == 30 and out.pairs[0].meta["rejected_tokens"] == 320
+    assert ctx.stats["by_difficulty"]["1"]["all_correct"] == 1 and ctx.stats["by_difficulty"]["3"]["all_wrong"] == 1
+    assert ctx.stats["by_difficulty"]["2"] == {"problems": 1, "with_pairs": 1, "pairs": 3}
+
+    # alpha = 1: q = 0.5, k = ceil(2.0) = 2 positives (30, 50); round-robin pairs, capped at max_pairs
+    out = QDyn(QDyn.Config(alpha=1.0, max_pairs=5)).select(samples, probs, _ctx(tmp_path))
+    assert [(p.chosen, p.rejected) for p in out.pairs] == [
+        ("a-1", "a-7"), ("a-0", "a-7"), ("a-1", "a-6"), ("a-0", "a-6"), ("a-1", "a-5")]
+
+
+def test_selector_variants(tmp_path):
+    samples, probs = _mixed()
+    one = ShortestCorrect(ShortestCorrect.Config(alpha=1.0)).select(samples, probs, _ctx(tmp_path))
+    assert {p.chosen for p in one.pairs} == {"a-1"}
+    fq = FixedQuantile(FixedQuantile.Config(quantile=0.75)).select(samples, probs, _ctx(tmp_path))
+    assert {p.chosen for p in fq.pairs} == {"a-1", "a-0", "a-2"}  # ceil(0.75 * 4) = 3
+    # extra-positives: the correct answers longer than the positive (50, 70, 90) are rejected ones too
+    ep = ExtraPositives(ExtraPositives.Config()).select(samples, probs, _ctx(tmp_path))
+    assert sorted(p.rejected for p in ep.pairs) == ["a-0", "a-2", "a-3", "a-5", "a-6", "a-7"]
+    assert any(p.meta["rejected_correct"] for p in ep.pairs)
+    gap = QDyn(QDyn.Config(min_gap=40)).select(samples, probs, _ctx(tmp_path))  # rejected >= 70 tokens
+    assert [p.rejected for p in gap.pairs] == ["a-7", "a-6"]
+
+
+def test_no_pairs_is_counted_not_a_crash(tmp_path):
+    samples = [_s("b", i, 40, True) for i in range(4)] + [_s("c", i, 40, False) for i in range(4)]
+    ctx = _ctx(tmp_path)
+    out = QDyn(QDyn.Config()).select(samples, [_problem("b", 1), _problem("c", 1)], ctx)
+    assert out.pairs == [] and out.examples == [] and ctx.stats["problems_with_pairs"] == 0
+    with pytest.raises(TrainingError, match="all-correct or all-wrong"):
+        DPOLTrainer(DPOLConfig()).train(out, _ctx(tmp_path, stage="trainer"))
+
+
+@pytest.mark.parametrize("bad", ["components.self-sampler.n=1", "components.kl-step.epsilon=0",
+                                 "components.kl-step.window=0", "components.dpo-l.eta=1.5",
+                                 "components.dpo-l.length_sign=0", "components.q-dyn.alpha=0"])
+def test_bad_component_values_fail_before_work(tmp_path, bad):
+    cfg = build_config(preset="smoke", sets=["plugins=[tokensqueeze]", f"out={tmp_path / 'run'}", bad])
+    with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+        Runner(cfg, registry=build_registry(load_entry_points=False), ui=UI(quiet=True))
+    assert not (tmp_path / "run").exists()
+
+
+# -- the DPO-L loss ----------------------------------------------------------------------------
+
+def _hand_loss(pc, pr, rc, rr, lc, lr, beta, eta, lam, sign):
+    z = beta * ((pc - rc) - (pr - rr)) + sign * lam * math.log(lr / lc)
+    dpo = -math.log(1 / (1 + math.exp(-z)))
+    sft = -pc / lc
+    return eta * dpo + (1 - eta) * sft
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+@pytest.mark.parametrize(("eta", "lam"), [(0.5, 1.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.0)])
+def test_dpo_l_loss_matches_hand_computation(sign, eta, lam):
+    pc, pr, rc, rr = [-12.0, -40.0], [-30.0, -35.0], [-14.0, -41.0], [-28.0, -30.0]
+    lc, lr = [10, 20], [25, 21]
+    loss, logs = dpo_l_loss(*(torch.tensor(x) for x in (pc, pr, rc, rr)), torch.tensor(lc), torch.tensor(lr),
+                            beta=0.1, eta=eta, length_lambda=lam, length_sign=sign)
+    want = sum(_hand_loss(pc[i], pr[i], rc[i], rr[i], lc[i], lr[i], 0.1, eta, lam, sign) for i in range(2)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    # margins by hand: 0.1 * ((-12 + 14) - (-30 + 28)) = 0.4; 0.1 * ((-40 + 41) - (-35 + 30)) = 0.6
+    assert logs["reward_margin"] == pytest.approx(0.5) and logs["reward_accuracy"] == 1.0
+
+
+def test_length_sign_minus_is_a_margin():
+    """With sign -1 a longer rejected answer raises the loss (and the gradient) of the same pair."""
+    args = [torch.tensor([-10.0]), torch.tensor([-10.0]), torch.tensor([-10.0]), torch.tensor([-10.0])]
+    short, _ = dpo_l_loss(*args, torch.tensor([10]), torch.tensor([11]), beta=0.1, eta=1.0, length_lambda=1.0,
+                          length_sign=-1)
+    long, _ = dpo_l_loss(*args, torch.tensor([10]), torch.tensor([40]), beta=0.1, eta=1.0, length_lambda=1.0,
+                         length_sign=-1)
+    assert long.item() > short.item() > math.log(2)
+
+
+def test_completion_logps_and_reference_equal_the_base_model(tiny_llama, tmp_path):
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    pairs = [PreferencePair(id="1", problem_id="a", prompt="Q: 2+2?\nA:", chosen=" 4.", rejected=" It is 5, I think."),
+             PreferencePair(id="2", problem_id="b", prompt="A longer question here?\nA:", chosen=" yes",
+                            rejected=" no, never, not at all")]
+    # by hand: log-softmax of one full forward per sequence, gathered at the completion tokens
+    want = []
+    for p in pairs:
+        for text in (p.chosen, p.rejected):
+            ids, labels = encode_example(tok, p.prompt, text, 64)
+            logits = base(input_ids=torch.tensor([ids])).logits[0].float()
+            lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+            want.append(sum(v for v, lab in zip(lp.tolist(), labels[1:], strict=True) if lab != -100))
+    batch = [encode_example(tok, p.prompt, t, 64) for p in pairs for t in (p.chosen, p.rejected)]
+    ids, labels, mask = collate(batch, tok.pad_token_id)
+    got = completion_logps(base, ids, mask, labels)
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-4, rtol=1e-5)
+
+    # the reference pass disables the adapter: with a non-zero LoRA it still equals the base model
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, prm in peft_model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.5)
+    task = DPOTask(pairs, tok, DPOLConfig(batch_size=2))
+    task.compute_reference(peft_model, Accelerator(cpu=True))
+    torch.testing.assert_close(task.ref.flatten(), torch.tensor(want), atol=1e-4, rtol=1e-5)
+    assert task.items[0][2] == len(tok(" 4.", add_special_tokens=False).input_ids) + 1  # EOS counts
+    ids, labels, mask = collate([task.items[0][0]], tok.pad_token_id)
+    assert completion_logps(peft_model, ids, mask, labels).item() != pytest.approx(want[0], abs=1e-3)
+
+
+# -- refinement --------------------------------------------------------------------------------
+
+def test_split_steps_round_trips_and_falls_back_to_lines():
+    cfg = KLStepConfig()
+    text = "First.\n\nSecond line\ncontinues.\n\nThird.\n\nSo \\boxed{3}."
+    steps, d = split_steps(text, cfg)
+    assert d == "\n\n" and len(steps) == 4 and d.join(steps) == text
+    short = "Add 2 and 3.\nThat gives 5.\n\\boxed{5}"
+    steps, d = split_steps(short, cfg)
+    assert d == "\n" and steps == ["Add 2 and 3.", "That gives 5.", "\\boxed{5}"]
+
+
+def test_context_logits_batched_equal_one_context_at_a_time(tiny_qwen2):
+    from thinkpress.core.engines.base import Engine
+
+    eng = HFEngine.from_pretrained(tiny_qwen2, dtype="float32")
+    contexts = ["Question: what is 2+3?\nStep one.\n\n", "Q?\n\n", "Some much longer context with words.\n\n"]
+    cont = "Then we add them to get 5.\n\nSo the answer is 5."
+    batched = list(eng.context_logits(contexts, cont, max_tokens=9, chunk_size=4))
+    generic = list(Engine.context_logits(eng, contexts, cont, max_tokens=9, chunk_size=4))
+    assert [t.tolist() for _, t in batched] == [t.tolist() for _, t in generic]
+    assert sum(len(t) for _, t in batched) == 9
+    for (a, _), (b, _) in zip(batched, generic, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_window_kl_zero_for_same_context_and_positive_otherwise(tiny_qwen2):
+    eng = HFEngine.from_pretrained(tiny_qwen2, dtype="float32")
+    cfg = KLStepConfig(window=16, chunk_size=5)
+    same, other = window_kl(eng, ["Step A.\n\n", "Step A.\n\n", "Totally different words.\n\n"], "Next step.", cfg)
+    assert same == pytest.approx(0.0, abs=1e-6) and other > 1e-4
+    total = window_kl(eng, ["Step A.\n\n", "Totally different words.\n\n"], "Next step.",
+                      cfg.model_copy(update={"reduce": "sum"}))[0]
+    n = eng.count_tokens("Next step.")
+    assert total == pytest.approx(other * n, rel=1e-4)
+
+
+def _trace_set():
+    prompt = "<|im_start|>user\nTom has 3 apples and buys 4 more. How many apples does he have?<|im_end|>\n" \
+             "<|im_start|>assistant\n"
+    trace = ("To determine how many apples Tom has now, we need to add the apples he buys to the apples he "
+             "already has.\n\nTom starts with 3 apples and then he buys 4 more apples at the store.\n\n"
+             "So 3 + 4 = 7.\n\nThe answer is \\boxed{7}.")
+    return prompt, trace, TrainingSet(
+        examples=[Example(id="e", problem_id="a", prompt=prompt, completion=trace, meta={"n_tokens": 60})],
+        pairs=[PreferencePair(id="p", problem_id="a", prompt=prompt, chosen=trace, rejected="long wrong " * 20)])
+
+
+def test_kl_step_refiner_accepts_by_epsilon(tmp_path, smollm_path):
+    prompt, trace, data = _trace_set()
+    ctx = _ctx(tmp_path, smollm_path, "refiner")
+    loose = KLStepRefiner(KLStepConfig(n_candidates=16, epsilon=1e9, batch_size=64)).refine(data, ctx)
+    st = ctx.stats
+    # every step with a continuation is tried; with an unbounded epsilon each takes its shortest candidate
+    assert st["steps"] == 4 and st["steps_tried"] == 3
+    assert st["steps_shortened"] >= 1 and st["tokens_after"] < st["tokens_before"]
+    assert loose.examples[0].completion == loose.pairs[0].chosen != trace
+    assert loose.pairs[0].rejected == data.pairs[0].rejected
+    assert loose.examples[0].completion.endswith("\n\nThe answer is \\boxed{7}.")  # the last step is kept
+
+    ctx2 = _ctx(tmp_path / "strict", smollm_path, "refiner")
+    strict = KLStepRefiner(KLStepConfig(n_candidates=16, epsilon=1e-12, batch_size=64)).refine(data, ctx2)
+    assert strict.examples[0].completion == trace and ctx2.stats["steps_shortened"] == 0
+    assert ctx2.stats["candidates_scored"] >= 1
+
+
+def test_single_step_trace_is_a_counted_skip(tmp_path, tiny_llama):
+    data = TrainingSet(examples=[Example(id="e", problem_id="a", prompt="Q", completion="\\boxed{7}")])
+    ctx = _ctx(tmp_path, tiny_llama, "refiner")
+    out = KLStepRefiner(KLStepConfig(n_candidates=2)).refine(data, ctx)
+    assert out.examples[0].completion == "\\boxed{7}"
+    assert ctx.stats["single_step_traces"] == 1 and ctx.stats["steps_tried"] == 0
+
+
+# -- training on a real model --------------------------------------------------------------------
+
+def test_dpo_l_training_prefers_the_short_chosen_answers(tmp_path, smollm_path):
+    """A few DPO-L + SFT steps on SmolLM2 raise log pi(chosen) - log pi(rejected) over the base model."""
+    qs = [f"What is {a} plus {b}?" for a, b in [(2, 3), (10, 5), (7, 8), (4, 4)]]
+    ans = [5, 15, 15, 8]
+    pairs = [PreferencePair(id=str(i), problem_id=str(i), prompt=f"Question: {q}\nAnswer:", chosen=f" {a}.",
+                            rejected=f" Let us think about this carefully. First, we write down the numbers. "
+                                     f"Then we add them up, one by one, and finally we get {a + 1}.")
+             for i, (q, a) in enumerate(zip(qs, ans, strict=True))]
+    ctx = _ctx(tmp_path, smollm_path, "trainer")
+    cfg = DPOLConfig(lr=1e-3, epochs=3, batch_size=2, grad_accum=1, autocast_bf16=False, warmup_ratio=0.0,
+                     dropout=0.0)
+    res = DPOLTrainer(cfg).train(TrainingSet(pairs=pairs), ctx)
+    assert res.metrics["steps"] == 6 and (tmp_path / "work" / "adapter" / "adapter_config.json").exists()
+    assert res.metrics["reward_accuracy_mean_last_epoch"] == 1.0
+    base = HFEngine.from_pretrained(smollm_path, dtype="float32")
+    trained = base.with_adapter(res.adapter_path)
+
+    def pref(eng):
+        c = eng.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+        r = eng.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+        return [sum(a) - sum(b) for a, b in zip(c, r, strict=True)]
+
+    before, after = pref(base), pref(trained)
+    assert all(a > b + 1.0 for a, b in zip(after, before, strict=True)), (before, after)
+    assert ctx.stats["mean_log_length_ratio"] > 1.0
+
+
+@pytest.mark.slow
+def test_tokensqueeze_smoke_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(["run", "--plugins", "tokensqueeze", "--preset", "smoke", "--out", str(out), "--quiet"],
+                env=cli_env(), timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["plan"]["sampler"] == "self-sampler" and rep["plan"]["selector"] == "q-dyn"
+    assert rep["plan"]["refiners"] == ["kl-step"] and rep["plan"]["trainer"] == "dpo-l"
+    rows = {v["name"]: v for v in rep["variants"]}
+    assert set(rows) == {"base", "trained"}
+    stages = rep["stages"]
+    sel = next(v for k, v in stages.items() if "selector" in k)["stats"]
+    ref = next(v for k, v in stages.items() if "refiner" in k)["stats"]
+    assert sel["pairs"] >= 1 and ref["steps_tried"] >= 1
+    assert ref["tokens_after"] <= ref["tokens_before"]
+
+
+def test_all_wrong_training_set_stops_with_a_clear_message_and_keeps_the_samples(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    args = ["run", "--plugins", "tokensqueeze", "--preset", "smoke", "--model", tiny_llama, "--out", str(out),
+            "--quiet", "--set", "train_data.limit=2", "--set", "components.self-sampler.n=2",
+            "--set", "components.self-sampler.max_new_tokens=4"]
+    r = run_cli(args)
+    assert r.returncode != 0
+    assert "training set is empty after selection by 'q-dyn'" in r.stderr and "all-correct or all-wrong" in r.stderr
+    assert "Traceback" not in r.stderr
+    samples = next((out / "stages").glob("1-sampler-self-sampler")) / "samples.jsonl"
+    assert len(samples.read_text().splitlines()) == 4
