@@ -4,7 +4,7 @@
 #   make test   the test suite (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PLUGINS ?= baseline
+PLUGINS ?= tokensqueeze
 PRESET ?= default
 OUT ?= runs/main-$(PLUGINS)-$(PRESET)
 export HF_HUB_OFFLINE ?= 1

@@ -73,3 +73,18 @@ def test_config_schema_and_models():
     res = run_cli(["models", "--json"])
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert rows["qwen2.5-coder-0.5b"]["default"] and rows["smollm2-135m"]["state"] in {"ready", "gguf", "missing"}
+
+
+def test_ui_messages_and_errors_keep_square_brackets():
+    import io
+
+    from rich.console import Console
+
+    from thinkpress.core.context import UI
+
+    buf = io.StringIO()
+    UI(console=Console(file=buf, width=200)).info("[sampler:self-sampler] cached (abc) plugins=[a,b]")
+    assert buf.getvalue().strip() == "[sampler:self-sampler] cached (abc) plugins=[a,b]"
+    r = run_cli(["config", "show", "--set", "stages.refiners=[no-such-refiner]", "--set", "plugins=[baseline]",
+                 "--set", "seed=[1]"])
+    assert r.returncode != 0 and "seed" in r.stderr and "[1]" in r.stderr

@@ -70,7 +70,7 @@ def test_q_dyn_takes_k_shortest_correct_against_longer_incorrect(tmp_path):
 
 def test_selector_variants(tmp_path):
     samples, probs = _mixed()
-    one = ShortestCorrect(ShortestCorrect.Config(alpha=1.0)).select(samples, probs, _ctx(tmp_path))
+    one = ShortestCorrect(ShortestCorrect.Config()).select(samples, probs, _ctx(tmp_path))
     assert {p.chosen for p in one.pairs} == {"a-1"}
     fq = FixedQuantile(FixedQuantile.Config(quantile=0.75)).select(samples, probs, _ctx(tmp_path))
     assert {p.chosen for p in fq.pairs} == {"a-1", "a-0", "a-2"}  # ceil(0.75 * 4) = 3
@@ -186,14 +186,17 @@ def test_context_logits_batched_equal_one_context_at_a_time(tiny_qwen2):
     from thinkpress.core.engines.base import Engine
 
     eng = HFEngine.from_pretrained(tiny_qwen2, dtype="float32")
-    contexts = ["Question: what is 2+3?\nStep one.\n\n", "Q?\n\n", "Some much longer context with words.\n\n"]
+    shared = "Question: what is 2+3? Let us think step by step.\n\n"
     cont = "Then we add them to get 5.\n\nSo the answer is 5."
-    batched = list(eng.context_logits(contexts, cont, max_tokens=9, chunk_size=4))
-    generic = list(Engine.context_logits(eng, contexts, cont, max_tokens=9, chunk_size=4))
-    assert [t.tolist() for _, t in batched] == [t.tolist() for _, t in generic]
-    assert sum(len(t) for _, t in batched) == 9
-    for (a, _), (b, _) in zip(batched, generic, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for contexts in (["Question: what is 2+3?\nStep one.\n\n", "Q?\n\n", "Some longer context with words.\n\n"],
+                     [shared + "Step one: 2.\n\n", shared + "A.", shared + "A much longer first step here.\n\n"],
+                     [shared, shared + "x"]):  # a context that is the shared prefix itself
+        batched = list(eng.context_logits(contexts, cont, max_tokens=9, chunk_size=4))
+        generic = list(Engine.context_logits(eng, contexts, cont, max_tokens=9, chunk_size=4))
+        assert [t.tolist() for _, t in batched] == [t.tolist() for _, t in generic]
+        assert sum(len(t) for _, t in batched) == 9
+        for (a, _), (b, _) in zip(batched, generic, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_window_kl_zero_for_same_context_and_positive_otherwise(tiny_qwen2):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from thinkpress import __version__
@@ -22,7 +23,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
     sys.exit(2)
 
 
@@ -185,7 +186,8 @@ def _add_plugin_commands() -> None:
             impl.function(cli=cli)
         except Exception as e:  # noqa: BLE001 - a broken plugin must not stop the CLI
             info.broken = f"register_commands raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
-            err_console.print(f"[yellow]warning:[/] plugin {impl.plugin_name!r} failed to add commands: {e}")
+            err_console.print(f"[yellow]warning:[/] plugin {escape(repr(impl.plugin_name))} failed to add commands: "
+                              f"{escape(str(e))}")
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ class UI:
     def info(self, msg: str) -> None:
         log.info(msg)
         if not self.quiet:
-            self.console.print(msg)
+            self.console.print(msg, markup=False, highlight=False)  # messages hold [stage:name] and paths
 
     @contextmanager
     def progress(self, desc: str, total: int):

@@ -296,18 +296,41 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def context_logits(self, contexts, continuation, *, max_tokens=None, chunk_size=64):
-        """Batched: contexts left-padded, so the shared continuation occupies the same columns in every row."""
+        """Batched, with the contexts' shared token prefix run once.
+
+        The common prefix (one row) fills a cache that is copied to every row; each row's own tokens
+        plus the continuation follow, left-padded inside the row after the prefix, so the continuation
+        occupies the same columns everywhere. Positions are explicit (padding does not shift RoPE).
+        """
+        from transformers import DynamicCache
+
         ce = self._encode(continuation)[:max_tokens]
         if not ce:
             return
-        enc = [self._encode(c) + ce for c in contexts]
-        T = max(len(e) for e in enc)
+        enc = [self._encode(c) for c in contexts]
+        shared = 0
+        limit = min(len(e) for e in enc) - 1  # every row keeps at least one own token
+        while shared < limit and all(e[shared] == enc[0][shared] for e in enc):
+            shared += 1
+        tails = [e[shared:] + ce for e in enc]
+        T = max(len(t) for t in tails)
         ids = torch.full((len(enc), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, e in enumerate(enc):
-            ids[r, T - len(e):] = torch.tensor(e)
-            mask[r, T - len(e):] = 1
-        h = self._hidden(ids.to(self.device), mask.to(self.device))[:, T - len(ce) - 1 : T - 1]
+        mask = torch.zeros((len(enc), shared + T), dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, t in enumerate(tails):
+            ids[r, T - len(t):] = torch.tensor(t)
+            mask[r, shared + T - len(t):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        cache = None
+        if shared:
+            cache = DynamicCache(config=self.model.config)
+            decoder(input_ids=torch.tensor([enc[0][:shared]], device=self.device), position_ids=pos[:1, :shared],
+                    past_key_values=cache, use_cache=True)
+            _select_rows(cache, torch.zeros(len(enc), dtype=torch.long, device=self.device))
+        h = decoder(input_ids=ids, attention_mask=mask, position_ids=pos[:, shared:], past_key_values=cache,
+                    use_cache=cache is not None).last_hidden_state[:, T - len(ce) - 1 : T - 1]
         head = self.model.get_output_embeddings()
         tgt = torch.tensor(ce, device=self.device)
         for c0 in range(0, len(ce), chunk_size):

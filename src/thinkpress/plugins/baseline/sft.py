@@ -170,8 +170,9 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
     model = acc.prepare(model)
     task = make_task(model, tok, acc)
     micro_per_epoch = math.ceil(len(task) / cfg.batch_size)
-    total_micro = max(1, math.ceil(micro_per_epoch * cfg.epochs))
-    total_steps = max(1, math.ceil(total_micro / cfg.grad_accum))
+    # whole optimizer steps: a trailing partial accumulation would be computed and then dropped
+    total_steps = max(1, math.ceil(math.ceil(micro_per_epoch * cfg.epochs) / cfg.grad_accum))
+    total_micro = total_steps * cfg.grad_accum
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps),
@@ -226,7 +227,7 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
     save(final_dir, step)
     last = slice(-micro_per_epoch, None)
     metrics = {
-        "examples": len(task), "steps": step, "micro_batches": micro, "wall_s": wall,
+        getattr(task, "unit", "examples"): len(task), "steps": step, "micro_batches": micro, "wall_s": wall,
         "s_per_step": wall / max(1, step), "loss_first": losses[0], "loss_last": losses[-1],
         "loss_mean_last_epoch": sum(losses[last]) / len(losses[last]),
     }

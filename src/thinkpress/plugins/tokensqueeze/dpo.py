@@ -78,6 +78,8 @@ def completion_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch
 class DPOTask:
     """Encoded pairs (chosen rows, then rejected rows, in one forward) and their reference log-probs."""
 
+    unit = "pairs"
+
     def __init__(self, pairs: list[PreferencePair], tok, cfg: DPOLConfig):
         self.cfg = cfg
         self.pad_id = tok.pad_token_id

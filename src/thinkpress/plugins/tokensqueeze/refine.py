@@ -126,12 +126,18 @@ class KLStepRefiner(Refiner):
         for key in ("steps", "steps_tried", "steps_shortened", "candidates", "candidates_scored"):
             st[key] = sum(r[key] for r in recs)
         st["traces"] = len(recs)
+        min_kls = sorted(k for r in recs for k in r["min_kls"])
+        if min_kls:  # how far the best candidate of each scored step was from epsilon
+            st["step_min_kl_p10_p50_p90"] = [min_kls[int(q * (len(min_kls) - 1))] for q in (0.1, 0.5, 0.9)]
         st["single_step_traces"] = sum(r["steps"] <= 1 for r in recs)
         st["traces_shortened"] = sum(r["steps_shortened"] > 0 for r in recs)
         orig = sum(engine.count_tokens(r["original"]) for r in recs)
         new = sum(engine.count_tokens(r["text"]) for r in recs)
         st.update(tokens_before=orig, tokens_after=new, tokens_saved=orig - new,
                   saved_fraction=(orig - new) / orig if orig else 0.0)
+        if min_kls:
+            ctx.log("lowest KL among a step's candidates, p10/p50/p90: "
+                    + " / ".join(f"{k:.4f}" for k in st["step_min_kl_p10_p50_p90"]) + f" (epsilon {cfg.epsilon})")
         ctx.log(f"{st['steps_shortened']}/{st['steps_tried']} steps shortened in {st['traces_shortened']}/{len(recs)} "
                 f"traces; {orig} -> {new} tokens ({st['saved_fraction']:.1%} saved); "
                 f"{st['single_step_traces']} single-step traces skipped")
@@ -155,8 +161,8 @@ class KLStepRefiner(Refiner):
         for key, prompt, text in chunk:
             steps, delim = split_steps(text, cfg)
             states.append(TraceState(key=key, prompt=prompt, steps=steps, delim=delim, original=text))
-        counts = {s.key: {"steps_tried": 0, "steps_shortened": 0, "candidates": 0, "candidates_scored": 0}
-                  for s in states}
+        counts = {s.key: {"steps_tried": 0, "steps_shortened": 0, "candidates": 0, "candidates_scored": 0,
+                          "min_kls": []} for s in states}
         max_round = max(len(s.steps) for s in states) - 1  # the last step has no continuation
         if cfg.max_steps is not None:
             max_round = min(max_round, cfg.max_steps)
@@ -197,12 +203,18 @@ class KLStepRefiner(Refiner):
         prefix = s.prompt + s.prefix(i)
         continuation = s.delim.join(s.steps[i + 1:])
         original = prefix + s.steps[i] + s.delim
-        for b in range(0, len(cands), cfg.kl_batch_size):
-            batch = cands[b : b + cfg.kl_batch_size]
-            kls = window_kl(engine, [original] + [prefix + t + s.delim for _, t in batch], continuation, cfg)
-            c["candidates_scored"] += len(batch)
-            ok = [(n, kl, t) for (n, t), kl in zip(batch, kls, strict=True) if kl < cfg.epsilon]
-            if ok:
-                n, _, t = min(ok)
-                return n, t
-        return None
+        best_kl = float("inf")
+        try:
+            for b in range(0, len(cands), cfg.kl_batch_size):
+                batch = cands[b : b + cfg.kl_batch_size]
+                kls = window_kl(engine, [original] + [prefix + t + s.delim for _, t in batch], continuation, cfg)
+                c["candidates_scored"] += len(batch)
+                best_kl = min(best_kl, *kls)
+                ok = [(n, kl, t) for (n, t), kl in zip(batch, kls, strict=True) if kl < cfg.epsilon]
+                if ok:
+                    n, _, t = min(ok)
+                    return n, t
+            return None
+        finally:
+            if cands:
+                c["min_kls"].append(best_kl)

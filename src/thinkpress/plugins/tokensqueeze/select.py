@@ -29,7 +29,6 @@ from thinkpress.core.stages import ComponentConfig, Selector
 
 
 class DepthConfig(ComponentConfig):
-    alpha: float = Field(default=0.2, gt=0.0, le=1.0, description="q = alpha * (1 - p): depth scale (q-dyn)")
     max_pairs: int = Field(default=64, ge=1, description="At most M preference pairs per problem")
     min_gap: int = Field(default=1, ge=0, description="A rejected answer must be at least this many tokens longer")
 
@@ -112,9 +111,14 @@ class DepthSelector(Selector):
         return TrainingSet(examples=examples, pairs=pairs)
 
 
+class QDynConfig(DepthConfig):
+    alpha: float = Field(default=0.2, gt=0.0, le=1.0, description="q = alpha * (1 - p): depth scale")
+
+
 class QDyn(DepthSelector):
     name = "q-dyn"
     description = "Adaptive depth: k = ceil(alpha*(1-p)*c) shortest correct vs. longer incorrect (TokenSqueeze)"
+    Config = QDynConfig
 
     def num_positives(self, c: int, n: int) -> int:
         return math.ceil(self.config.alpha * (1 - c / n) * c)
