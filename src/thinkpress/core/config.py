@@ -130,7 +130,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora-sft": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "max_length": 512, "lr": 2e-4},
             "self-sampler": {"n": 6, "max_new_tokens": 320, "batch_size": 32},
             "kl-step": {"n_candidates": 8, "batch_size": 64},
-            "dpo-l": {"epochs": 1, "batch_size": 2, "grad_accum": 4, "max_length": 512, "lr": 2e-4},
+            "dpo-l": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "max_length": 512, "lr": 5e-4},
         },
     },
 }
