@@ -305,3 +305,29 @@ def test_all_wrong_training_set_stops_with_a_clear_message_and_keeps_the_samples
     assert "Traceback" not in r.stderr
     samples = next((out / "stages").glob("1-sampler-self-sampler")) / "samples.jsonl"
     assert len(samples.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(("sets", "want"), [
+    ([], {"selector": "q-dyn", "refiners": ["kl-step"], "trainer": "dpo-l"}),
+    (["stages.selector=shortest-correct"], {"selector": "shortest-correct"}),
+    (["stages.selector=fixed-quantile", "components.fixed-quantile.quantile=0.5"], {"selector": "fixed-quantile"}),
+    (["stages.selector=extra-positives"], {"selector": "extra-positives"}),
+    (["stages.refiners=[]"], {"refiners": []}),
+    (["stages.trainer=lora-sft"], {"trainer": "lora-sft"}),
+])
+def test_ablation_variants_are_selectable_by_config(tmp_path, sets, want):
+    cfg = build_config(preset="smoke", sets=["plugins=[tokensqueeze]", f"out={tmp_path / 'run'}", *sets])
+    plan = Runner(cfg, registry=build_registry(load_entry_points=False), ui=UI(quiet=True)).plan
+    got = plan.describe()
+    assert got["sampler"] == "self-sampler"
+    assert {k: got[k] for k in want} == want
+
+
+@pytest.mark.parametrize(("objective", "eta", "lam"), [("dpo", 1.0, 0.0), ("sft", 0.0, 1.0), ("dpo+sft", 0.5, 0.0)])
+def test_objective_ablations_reach_the_trainer(tmp_path, objective, eta, lam):
+    cfg = build_config(preset="smoke", sets=["plugins=[tokensqueeze]", f"out={tmp_path / 'run'}",
+                                             f"components.dpo-l.eta={eta}", f"components.dpo-l.length_lambda={lam}",
+                                             "components.q-dyn.alpha=0.5", "components.kl-step.epsilon=0.01"])
+    plan = Runner(cfg, registry=build_registry(load_entry_points=False), ui=UI(quiet=True)).plan
+    assert (plan.trainer.instance.config.eta, plan.trainer.instance.config.length_lambda) == (eta, lam), objective
+    assert plan.selector.instance.config.alpha == 0.5 and plan.refiners[0].instance.config.epsilon == 0.01
