@@ -19,6 +19,7 @@ The positives also become SFT examples (the trainer's SFT term and SFT-only abla
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections import Counter, defaultdict
 
 from pydantic import Field
@@ -43,8 +44,9 @@ class DepthSelector(Selector):
     Config = DepthConfig
     long_correct_negatives = False
 
+    @abstractmethod
     def num_positives(self, c: int, n: int) -> int:
-        raise NotImplementedError
+        """k: how many of the c correct samples (of n) become positives."""
 
     def select(self, samples: list[Sample], problems: list[Problem], ctx: StageContext) -> TrainingSet:
         cfg = self.config
