@@ -76,8 +76,10 @@ def run(plugins, preset, config_file, model, data, sets, out, overwrite, quiet):
         _fail(e)
     table = Table(title=f"thinkpress {', '.join(cfg.plugins)} on {cfg.model} ({report['dataset']['name']}, "
                         f"n={report['dataset']['n']})")
-    for col in ("variant", "accuracy", "mean tokens", "correct-only", "truncated", "saved", "tok/s"):
-        table.add_column(col, justify="right" if col != "variant" else "left")
+    name_width = max((len(v["name"]) for v in report["variants"]), default=7)
+    table.add_column("variant", justify="left", min_width=name_width, no_wrap=True)
+    for col in ("accuracy", "mean tokens", "correct-only", "truncated", "saved", "tok/s"):
+        table.add_column(col, justify="right")
     for v in report["variants"]:
         table.add_row(v["name"], f"{100 * v['accuracy']:.1f}%", f"{v['mean_tokens']:.1f}",
                       "-" if v["mean_tokens_correct"] is None else f"{v['mean_tokens_correct']:.1f}",

@@ -136,6 +136,33 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+PLUGIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # A plugin's overlay applies on top of the preset when the plugin is selected; a config file,
+    # flags and --set still override it. Used where a method needs other data sizes than the rest.
+    "smoke": {
+        # One greedy answer per problem (SmolLM2 gets ~5% of one-step problems right): more problems.
+        "tokenskip": {
+            "train_data": {"limit": 96},
+            "components": {
+                "greedy-sampler": {"max_new_tokens": 128, "batch_size": 48},
+                "tokenskip-sft": {"epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 256, "lr": 2e-4},
+            },
+        },
+    },
+    "default": {
+        "tokenskip": {
+            "train_data": {"limit": 96},
+            "test_data": {"limit": 32},
+            "components": {
+                "greedy-sampler": {"max_new_tokens": 320, "batch_size": 16},
+                "tokenskip-sft": {"epochs": 2, "batch_size": 4, "grad_accum": 2, "max_length": 512, "lr": 2e-4},
+            },
+        },
+    },
+}
+"""Per-preset, per-plugin overlays (see the comment inside)."""
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -222,12 +249,24 @@ def build_config(
     preset = preset or file_data.get("preset") or "default"
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    data = deep_merge(PRESETS[preset], file_data)
-    data["preset"] = preset
-    data = deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
-    for expr in sets or []:
-        path, value = parse_set(expr)
-        apply_set(data, path, value)
+
+    def layered(base: dict) -> dict:
+        data = deep_merge(base, file_data)
+        data["preset"] = preset
+        data = deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+        for expr in sets or []:
+            path, value = parse_set(expr)
+            apply_set(data, path, value)
+        return data
+
+    data = layered(PRESETS[preset])
+    plugins = data.get("plugins") if isinstance(data.get("plugins"), list) else []
+    overlays = [PLUGIN_PRESETS.get(preset, {}).get(p) for p in plugins]
+    if any(overlays):
+        base = PRESETS[preset]
+        for ov in overlays:
+            base = deep_merge(base, ov or {})
+        data = layered(base)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

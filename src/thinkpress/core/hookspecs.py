@@ -113,9 +113,21 @@ def register_datasets(register):
 def register_scorers(register):
     """Register token-importance scorers (used by trace pruners such as TokenSkip).
 
-    :param register: call ``register(name, factory)``; ``factory(**options)`` returns a scorer
-        object with ``score(prompt: str, text: str) -> list[tuple[str, float]]`` mapping each
-        token of ``text`` (its surface string) to an importance score (higher = more important).
+    :param register: call ``register(name, factory)``. ``factory(ctx, **options)`` is called by the
+        pruner with its :class:`~thinkpress.core.context.StageContext` (the run's engine, config and
+        logging) and the options from the pruner's config (``scorer_options``), and returns a scorer
+        object with
+
+        * ``score(prompt: str, text: str) -> list[tuple[str, float]]``: each token of ``text`` as
+          ``(surface, score)``, higher = more important; the surfaces must concatenate to exactly
+          ``text`` (pruners aggregate scores to words by character position);
+        * optionally ``score_batch(prompts, texts) -> list[list[tuple[str, float]]]`` (batched).
+
+        A factory may carry a pydantic ``Options`` model (options are then checked before the run
+        starts) and a ``check_available()`` classmethod that raises ``ConfigError`` when something
+        it needs is missing. :class:`thinkpress.core.scoring.TokenScorer` is the base class that
+        provides all of this. Built in (plugin ``tokenskip``): ``self-information``, ``entropy``,
+        ``llmlingua2``. Names are global; registering a taken name is an error naming both plugins.
     :return: nothing.
     """
 

@@ -68,6 +68,11 @@ class Plan:
     train: bool
     component_configs: dict[str, Any] = field(default_factory=dict)
 
+    def active(self) -> list[Planned]:
+        """The components this plan runs (training stages only when it trains)."""
+        train = [self.sampler, self.selector, *self.refiners, *self.trace_pruners, self.trainer] if self.train else []
+        return train + self.kv_pruners
+
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"train": self.train}
         if self.train:
@@ -138,7 +143,7 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
         any(not is_kv(e) for e in reg.by_plugin(stage, p)) for p in cfg.plugins for stage in TRAINING_STAGES
     ) or any(getattr(cfg.stages, s) for s in SINGLE_STAGES) or bool(cfg.stages.refiners)
     train = provides_training if cfg.train is None else cfg.train
-    return Plan(
+    plan = Plan(
         sampler=_instantiate(single("sampler"), cfg),
         selector=_instantiate(single("selector"), cfg),
         refiners=[_instantiate(e, cfg) for e in refiners],
@@ -147,6 +152,9 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
         kv_pruners=[_instantiate(e, cfg) for e in kv],
         train=train,
     )
+    for planned in plan.active():
+        planned.instance.check(reg)
+    return plan
 
 
 def load_problems(cfg: RunConfig, reg: Registry, which: str) -> tuple[list[Problem], dict]:
@@ -220,6 +228,8 @@ class Runner:
         self.state = RunState(cfg, self.reg, self.store, self.ui)
         self.stage_info: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self.report_lines: list[str] = []
+        """Markdown that components add to report.md (see ``Component.report_extras``)."""
 
     # -- stages --------------------------------------------------------------------------------
     def _run(self, index: int, stage: str, planned: Planned, inputs: dict, input_keys: list[str]) -> tuple[Any, str]:
@@ -406,6 +416,10 @@ class Runner:
                     rows.append(row)
                 self.timings["eval_s"] = time.perf_counter() - t1
             self.timings["total_s"] = time.perf_counter() - t0
+            if rows:
+                extras = ([trainer] if trainer else []) + self.plan.kv_pruners
+                for planned in extras:
+                    self.report_lines += planned.instance.report_extras(rows, self.store.dir)
             manifest |= {"timings": self.timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                          "peak_rss_mb_process": _peak_rss_mb()}
             atomic_write_json(self.store.dir / "manifest.json", manifest)

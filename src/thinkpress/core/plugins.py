@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "core": "thinkpress.core.builtins",
     "baseline": "thinkpress.plugins.baseline",
     "tokensqueeze": "thinkpress.plugins.tokensqueeze",
+    "tokenskip": "thinkpress.plugins.tokenskip",
 }
 """Built-in plugin name -> module. ``core`` provides the ``hf`` engine, datasets and ``run_stage``."""
 

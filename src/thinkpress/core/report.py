@@ -88,6 +88,9 @@ def write_report(runner: Runner, rows: list[dict[str, Any]]) -> dict[str, Any]:
           f"{runner.timings.get('train_s', 0):.0f} s, evaluation {runner.timings.get('eval_s', 0):.0f} s)", ""]
     if rows:
         md += ["## Evaluation", "", markdown_table(rows), "", "![accuracy vs tokens](plot.png)", ""]
+    extra = getattr(runner, "report_lines", [])
+    if extra:
+        md += [*extra, ""]
     if runner.stage_info:
         md += ["## Stages", "", "| stage | plugin | wall s | cached | stats |", "|---|---|---|---|---|"]
         for label, s in runner.stage_info.items():

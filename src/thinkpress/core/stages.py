@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -46,6 +47,22 @@ class Component(ABC):  # noqa: B024 - the stage bases declare the abstract metho
 
     def __init__(self, config: ComponentConfig | None = None):
         self.config = config if config is not None else self.Config()
+
+    def check(self, registry: Any) -> None:
+        """Check what the config names beyond its own keys (e.g. a scorer) before the run starts.
+
+        Called by the pipeline for every planned component with the plugin registry; raise
+        :class:`~thinkpress.core.errors.ConfigError` naming the key path. Default: nothing to check.
+        """
+        return None
+
+    def report_extras(self, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
+        """Add method-specific metrics to the evaluation rows (in place) and files under ``out_dir``.
+
+        Called once after evaluation for the trainer and every KV pruner of the run; returns Markdown
+        lines for ``report.md`` (default: none). New keys must not rename the contract's keys.
+        """
+        return []
 
     def eval_variants(self, ctx: StageContext) -> list[EvalVariant] | None:
         """Evaluation variants this component adds (trainers: how to evaluate the trained model).

@@ -105,6 +105,26 @@ class Engine(ABC):
     def score(self, prompts: list[str], continuations: list[str], *, batch_size: int = 4) -> list[list[float]]:
         """Teacher-forced per-token log-probabilities of each continuation given its prompt."""
 
+    def token_scores(self, prompts: list[str], continuations: list[str], *, batch_size: int = 4) -> list[Any]:
+        """Teacher-forced :class:`thinkpress.kernels.TokenScores` of each continuation's tokens.
+
+        Row ``t`` describes continuation token ``t``: ``surprisal`` is ``-log p(token | prompt, prefix)``
+        and ``entropy`` the entropy of the next-token distribution that predicts it (fp32, on CPU).
+        Tokens are those of ``count_tokens`` (the continuation tokenized on its own). This generic
+        version runs one pair at a time through :meth:`iter_logits`; engines override it with a batch.
+        """
+        import torch
+
+        from thinkpress.kernels import TokenScores, token_scores
+
+        out = []
+        for prompt, cont in zip(prompts, continuations, strict=True):
+            parts = [token_scores(lg, tg) for lg, tg in self.iter_logits(prompt, cont)]
+            cat = [torch.cat([getattr(p, f) for p in parts]).cpu() if parts else torch.zeros(0)
+                   for f in ("surprisal", "entropy", "lse")]
+            out.append(TokenScores(*cat))
+        return out
+
     @abstractmethod
     def iter_logits(self, prompt: str, continuation: str, *, chunk_size: int = 128) -> Iterator[tuple[Any, Any]]:
         """Yield ``(logits[chunk, V], target_ids[chunk])`` over the continuation's positions, in chunks."""

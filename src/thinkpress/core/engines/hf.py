@@ -28,7 +28,7 @@ import torch
 
 from thinkpress.core.engines.base import Completion, Engine, GenParams, GenStats, KVPolicy, ProgressFn
 from thinkpress.core.errors import ModelError
-from thinkpress.kernels import token_scores
+from thinkpress.kernels import TokenScores, token_scores
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -263,7 +263,12 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def score(self, prompts, continuations, *, batch_size=4) -> list[list[float]]:
-        out: list[list[float]] = []
+        return [(-ts.surprisal).tolist() for ts in self.token_scores(prompts, continuations, batch_size=batch_size)]
+
+    @torch.inference_mode()
+    def token_scores(self, prompts, continuations, *, batch_size=4) -> list[TokenScores]:
+        """Batched (right-padded) teacher forcing; the LM head runs 128 positions at a time."""
+        out: list[TokenScores] = []
         for s in range(0, len(prompts), batch_size):
             ps, cs = prompts[s : s + batch_size], continuations[s : s + batch_size]
             pe = [self._encode(p) for p in ps]
@@ -279,12 +284,15 @@ class HFEngine(Engine):
             for r in range(len(seqs)):
                 n_p, n_c = len(pe[r]), len(ce[r])
                 if n_c == 0:
-                    out.append([])
+                    out.append(TokenScores(torch.zeros(0), torch.zeros(0), torch.zeros(0)))
                     continue
+                if n_p == 0:
+                    raise ValueError("token_scores needs a non-empty prompt (the first token has no context)")
                 hs = h[r, n_p - 1 : n_p - 1 + n_c]
                 tgt = torch.tensor(ce[r], device=self.device)
-                out.append(torch.cat([-token_scores(lg, t).surprisal
-                                      for lg, t in self._head_chunks(hs, tgt, 128)]).tolist())
+                parts = [token_scores(lg, t) for lg, t in self._head_chunks(hs, tgt, 128)]
+                out.append(TokenScores(*(torch.cat([getattr(p, f) for p in parts]).cpu()
+                                         for f in ("surprisal", "entropy", "lse"))))
         return out
 
     @torch.inference_mode()

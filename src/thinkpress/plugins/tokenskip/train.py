@@ -1,0 +1,134 @@
+"""Ratio-conditioned LoRA SFT and controllable evaluation (one variant per gamma)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from thinkpress.core.context import StageContext
+from thinkpress.core.data import TrainingSet, TrainResult
+from thinkpress.core.errors import TrainingError
+from thinkpress.core.stages import EvalVariant, Trainer
+from thinkpress.core.store import atomic_write_json
+from thinkpress.plugins.baseline.sft import SFTConfig, train_lora_sft
+
+TAGS_FILE = "ratio_tags.json"
+
+
+class TokenSkipSFTConfig(SFTConfig):
+    """The published TokenSkip recipe (LLaMA-Factory defaults: no LoRA dropout); presets scale it for CPU."""
+
+    rank: int = Field(default=8, ge=1, description="LoRA rank r")
+    alpha: int = Field(default=16, ge=1, description="LoRA alpha")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+    lr: float = Field(default=5e-5, gt=0.0, description="Peak learning rate")
+    epochs: float = Field(default=3.0, gt=0.0, description="Passes over the training set")
+    batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch")
+    grad_accum: int = Field(default=2, ge=1, description="Micro-batches per optimizer step (effective batch 8)")
+    max_length: int = Field(default=2048, ge=8, description="Cutoff of prompt+completion tokens")
+    scale_max_tokens: bool = Field(default=False, description="Evaluate gamma with max_new_tokens scaled by "
+                                   "gamma (as the original does for MATH)")
+
+
+def ratio_tags(data: TrainingSet) -> dict[str, str]:
+    """``{gamma: prompt suffix}`` from the pruner's examples (all carry the same table)."""
+    tags: dict[str, str] = {}
+    for e in data.examples:
+        tags.update(e.meta.get("ratio_tags") or {})
+    return tags
+
+
+def controllability(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per gamma row: actual ratio (mean tokens at gamma / at 1.0) and adherence error |actual - gamma|."""
+    full = next((r for r in rows if r.get("params", {}).get("gamma") == 1.0), None)
+    out = []
+    for r in rows:
+        g = r.get("params", {}).get("gamma")
+        if g is None or full is None or not full["mean_tokens"]:
+            continue
+        r["actual_ratio"] = r["mean_tokens"] / full["mean_tokens"]
+        r["adherence_error"] = abs(r["actual_ratio"] - g)
+        r["accuracy_vs_full"] = r["accuracy"] - full["accuracy"]
+        out.append(r)
+    return sorted(out, key=lambda r: -r["params"]["gamma"])
+
+
+def plot_ratio(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    gs = [r["params"]["gamma"] for r in rows]
+    a1.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="ideal")
+    a1.plot(gs, [r["actual_ratio"] for r in rows], "o-", label="trained")
+    a1.set_xlim(0, 1.05)
+    a1.set_ylim(0, max(1.1, 1.05 * max(r["actual_ratio"] for r in rows)))
+    a1.set_xlabel("requested ratio gamma")
+    a1.set_ylabel("actual ratio (tokens at gamma / tokens at 1.0)")
+    a1.set_title("ratio adherence")
+    a1.legend()
+    a1.grid(alpha=0.3)
+    a2.plot([r["mean_tokens"] for r in rows], [100 * r["accuracy"] for r in rows], "o-")
+    for r in rows:
+        a2.annotate(f"{r['params']['gamma']:g}", (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    a2.set_xlim(0, 1.1 * max(r["mean_tokens"] for r in rows))
+    a2.set_ylim(0, 100)
+    a2.set_xlabel("mean output tokens")
+    a2.set_ylabel("accuracy (%)")
+    a2.set_title("accuracy vs. tokens, one point per gamma")
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class TokenSkipSFT(Trainer):
+    name = "tokenskip-sft"
+    description = "ratio-conditioned LoRA SFT (completion-only loss); evaluated at every gamma via the ratio tag"
+
+    Config = TokenSkipSFTConfig
+
+    def train(self, data: TrainingSet, ctx: StageContext) -> TrainResult:
+        tags = ratio_tags(data)
+        if not tags:
+            raise TrainingError("tokenskip-sft trains on ratio-tagged examples from the 'tokenskip' pruner; none of "
+                                f"the {len(data.examples)} examples carries a ratio tag table (meta.ratio_tags). "
+                                "Run with --plugins tokenskip (or add 'tokenskip' to stages.pruners).")
+        atomic_write_json(ctx.workdir / TAGS_FILE, tags)
+        result = train_lora_sft(data.examples, ctx, self.config, out_dir=ctx.workdir)
+        drawn: dict[str, int] = {}
+        for e in data.examples:
+            drawn[f"{e.meta['gamma']:g}"] = drawn.get(f"{e.meta['gamma']:g}", 0) + 1
+        result.metrics["examples_per_gamma"] = drawn
+        return result
+
+    def eval_variants(self, ctx: StageContext) -> list[EvalVariant]:
+        tags = json.loads((ctx.workdir / TAGS_FILE).read_text())
+        max_new = ctx.config.eval.generation.max_new_tokens
+        out = []
+        for g_str, suffix in sorted(tags.items(), key=lambda kv: -float(kv[0])):
+            g = float(g_str)
+            out.append(EvalVariant(name=f"trained@gamma={g_str}", params={"gamma": g}, prompt_suffix=suffix,
+                                   max_new_tokens=math.ceil(g * max_new) if self.config.scale_max_tokens else None))
+        return out
+
+    def report_extras(self, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
+        ctrl = controllability(rows)
+        if not ctrl:
+            return []
+        plot_ratio(ctrl, out_dir / "ratio.png")
+        lines = ["## Controllability (TokenSkip)", "",
+                 "| gamma | accuracy | vs. gamma 1.0 | mean tokens | actual ratio | adherence error |",
+                 "|---|---|---|---|---|---|"]
+        for r in ctrl:
+            lines.append(f"| {r['params']['gamma']:g} | {100 * r['accuracy']:.1f}% "
+                         f"| {100 * r['accuracy_vs_full']:+.1f} | {r['mean_tokens']:.1f} "
+                         f"| {r['actual_ratio']:.3f} | {r['adherence_error']:.3f} |")
+        return [*lines, "", "![actual vs requested ratio; accuracy vs tokens](ratio.png)"]
