@@ -172,8 +172,9 @@ def test_hook_register_scorers():
 
     reg = registry_with(mine=_plugin(register_scorers=lambda register: register("len", LenScorer)))
     assert reg.scorer("len")().score("", "a bbb") == [("a", 1.0), ("bbb", 3.0)]
-    with pytest.raises(thinkpress.core.errors.PluginError, match="available: len"):
+    with pytest.raises(thinkpress.core.errors.PluginError, match="available: entropy, len, llmlingua2, self-inf"):
         reg.scorer("nope")
+    assert reg.scorers["len"][1] == "mine" and reg.scorers["self-information"][1] == "tokenskip"
 
 
 def test_duplicate_dataset_name_names_both_plugins():
