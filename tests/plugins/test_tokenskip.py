@@ -33,7 +33,7 @@ from thinkpress.plugins.tokenskip.scorers import EntropyScorer, SelfInformationS
 from thinkpress.plugins.tokenskip.select import CoTFilter, split_answer
 from thinkpress.plugins.tokenskip.train import TokenSkipSFT, controllability
 
-COT = ("To find the total, we add the apples and the pears.\n\n"
+COT = ("To find the total,  we add the apples and the pears.\n\n"  # two spaces: gamma 1.0 keeps them
        "Step 1: Anna has 12 apples.\nStep 2: She buys 7 pears, so she has 12 + 7 = 19 fruits.\n\n"
        "So the number of fruits is 19.")
 
@@ -137,10 +137,11 @@ def test_kept_token_fraction_tracks_gamma_on_random_scores():
 
 
 def test_rebuild_keeps_lines_and_paragraphs():
-    text = "alpha beta\n\ngamma delta\nepsilon\n\n\nzeta"
+    text = "alpha beta\n\ngamma delta\nepsilon\n\n\n   zeta  eta"
     words = word_scores(text, [(c, 1.0) for c in text])
-    keep = [w.text in {"alpha", "delta", "zeta"} for w in words]
-    assert rebuild(text, words, keep) == "alpha\n\ndelta\n\nzeta"  # 'epsilon' line gone, one blank line at most
+    keep = [w.text in {"alpha", "delta", "zeta", "eta"} for w in words]
+    # 'epsilon' line gone, one blank line at most, indentation kept, spaces between words normalised
+    assert rebuild(text, words, keep) == "alpha\n\ndelta\n\n   zeta eta"
 
 
 def test_prune_cot_keeps_digits_and_forced_tokens():

@@ -110,7 +110,7 @@ def rebuild(text: str, words: list[Word], keep: list[bool]) -> str:
                 kept.append(words[wi].text)
             wi += 1
         if kept:
-            lines.append(" ".join(kept))
+            lines.append(raw[: len(raw) - len(raw.lstrip())] + " ".join(kept))
         elif not had and lines and lines[-1] != "":
             lines.append("")  # a paragraph break
         pos = end + 1
@@ -228,8 +228,11 @@ class TokenSkipPruner(TracePruner):
             g = self.draw(e.id, ctx.seed)
             # Every gamma is pruned for the statistics (the pruner's own adherence); one is kept.
             for gg in self.all_gammas():
-                text, info = prune_cot(cot, toks, gg, force_tokens=c.force_tokens, keep_digits=c.keep_digits,
-                                       cost=cost)
+                if gg >= 1.0:  # kept whole, byte for byte
+                    text, info = cot, {"words": None, "kept_words": None, "over_budget": False}
+                else:
+                    text, info = prune_cot(cot, toks, gg, force_tokens=c.force_tokens, keep_digits=c.keep_digits,
+                                           cost=cost)
                 st = per_gamma.setdefault(f"{gg:g}", {"ratios": [], "over": 0, "drawn": 0})
                 st["ratios"].append(engine.count_tokens(text) / n_cot if n_cot else 1.0)
                 st["over"] += info["over_budget"]
