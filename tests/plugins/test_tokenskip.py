@@ -158,13 +158,15 @@ def test_ratio_tag_and_gamma_draw():
     assert ratio_tag("<|eot_id|>{gamma}<|eot_id|>", 1.0) == ""
     p = TokenSkipPruner(TokenSkipPruner.Config())
     ids = [f"ex{i}" for i in range(1200)]
-    draws = [p.draw(i, 0) for i in ids]
-    assert draws == [p.draw(i, 0) for i in ids]  # seeded per id
-    assert [p.draw(i, 0) for i in reversed(ids)] == draws[::-1]  # independent of order
+    draws = [p.draw(i, 0)[0] for i in ids]
+    assert draws == [p.draw(i, 0)[0] for i in ids]  # seeded per id
+    assert [p.draw(i, 0)[0] for i in reversed(ids)] == draws[::-1]  # independent of order
     counts = Counter(draws)
     assert set(counts) == {1.0, 0.9, 0.8, 0.7, 0.6, 0.5}
     assert all(140 <= c <= 260 for c in counts.values()), counts  # uniform: 200 expected each
-    assert [p.draw(i, 1) for i in ids] != draws
+    assert [p.draw(i, 1)[0] for i in ids] != draws
+    three = TokenSkipPruner(TokenSkipPruner.Config(draws_per_example=3))
+    assert all(len(set(three.draw(i, 0))) == 3 for i in ids[:50])
 
 
 # -- config errors before any work ----------------------------------------------------------------
@@ -269,6 +271,10 @@ def test_pruner_hits_gamma_in_model_tokens_and_tags_the_prompt(tmp_path, smollm_
     again = TokenSkipPruner(TokenSkipPruner.Config(batch_size=4)).prune(TrainingSet(examples=examples), ctx)
     assert [e.completion for e in again.examples] == [e.completion for e in out.examples]
     assert ctx.stats["resumed_chunks"] == 3
+    two = TokenSkipPruner(TokenSkipPruner.Config(batch_size=4, draws_per_example=2)).prune(
+        TrainingSet(examples=examples), ctx).examples
+    assert len(two) == 24 and len({e.id for e in two}) == 24
+    assert all(len({x.meta["gamma"] for x in two if x.problem_id == e.problem_id}) == 2 for e in examples)
 
 
 def test_third_party_scorer_drives_the_pruner(tmp_path, smollm_path):

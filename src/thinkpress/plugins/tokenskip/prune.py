@@ -15,7 +15,8 @@ Per example (each a correct CoT + its final answer line, from the ``cot-filter``
    that loses all its words disappears, blank lines between paragraphs stay (one at most).
 
 Mixing: each example gets one gamma drawn uniformly from ``{1.0} + gammas`` (seeded per example id,
-so the draw depends neither on order nor on resume); at 1.0 the CoT is kept whole and the prompt has
+so the draw depends neither on order nor on resume; ``draws_per_example`` > 1 draws that many
+distinct gammas and adds one training example per draw, for small data); at 1.0 the CoT is kept whole and the prompt has
 no tag; otherwise the question carries the ratio tag (``tag_format``, default the original
 ``<|eot_id|>{gamma}<|eot_id|>`` after the question). Target = pruned CoT + the original answer line.
 """
@@ -148,6 +149,8 @@ class TokenSkipPruner(TracePruner):
         gammas: list[float] = Field(default=[0.9, 0.8, 0.7, 0.6, 0.5], min_length=1,
                                     description="Compression ratios (kept fraction of CoT tokens), each in (0, 1]")
         include_full: bool = Field(default=True, description="Also draw gamma = 1.0 (unpruned, no tag)")
+        draws_per_example: int = Field(default=1, ge=1, description="Distinct gammas drawn per example (1: the "
+                                       "published mix; more: each CoT at several ratios, for small data)")
         tag_format: str = Field(default="<|eot_id|>{gamma}<|eot_id|>",
                                 description="Ratio tag appended to the question; {gamma} is replaced (0.9, 0.5)")
         force_tokens: list[str] = Field(default=["Step", ":"], description="Words containing any of these are kept")
@@ -185,8 +188,11 @@ class TokenSkipPruner(TracePruner):
     def all_gammas(self) -> list[float]:
         return ([1.0] if self.config.include_full and 1.0 not in self.config.gammas else []) + list(self.config.gammas)
 
-    def draw(self, example_id: str, seed: int) -> float:
-        return random.Random(stable_hash(seed, "tokenskip-gamma", example_id)).choice(self.all_gammas())
+    def draw(self, example_id: str, seed: int) -> list[float]:
+        """``draws_per_example`` distinct gammas, uniformly without replacement, seeded by the example id."""
+        gammas = self.all_gammas()
+        k = min(self.config.draws_per_example, len(gammas))
+        return random.Random(stable_hash(seed, "tokenskip-gamma", example_id)).sample(gammas, k)
 
     def prune(self, data: TrainingSet, ctx: StageContext) -> TrainingSet:
         c = self.config
@@ -225,8 +231,9 @@ class TokenSkipPruner(TracePruner):
         for e in data.examples:
             cot, toks = e.meta["cot"], scores[e.id]
             n_cot = engine.count_tokens(cot)
-            g = self.draw(e.id, ctx.seed)
-            # Every gamma is pruned for the statistics (the pruner's own adherence); one is kept.
+            drawn = self.draw(e.id, ctx.seed)
+            # Every gamma is pruned for the statistics (the pruner's own adherence); the drawn ones are kept.
+            kept: dict[float, tuple[str, dict]] = {}
             for gg in self.all_gammas():
                 if gg >= 1.0:  # kept whole, byte for byte
                     text, info = cot, {"words": None, "kept_words": None, "over_budget": False}
@@ -236,18 +243,19 @@ class TokenSkipPruner(TracePruner):
                 st = per_gamma.setdefault(f"{gg:g}", {"ratios": [], "over": 0, "drawn": 0})
                 st["ratios"].append(engine.count_tokens(text) / n_cot if n_cot else 1.0)
                 st["over"] += info["over_budget"]
-                if gg == g:
-                    pruned, chosen = text, info
-            st = per_gamma[f"{g:g}"]
-            st["drawn"] += 1
-            over += chosen["over_budget"]
-            suffix = tags[f"{g:g}"]
-            prompt = engine.chat_prompt(e.meta["question"], suffix=suffix) if suffix else e.prompt
-            completion = pruned + e.meta["answer_tail"]
-            out.append(Example(id=e.id, problem_id=e.problem_id, prompt=prompt, completion=completion,
-                               meta={**e.meta, "gamma": g, "prompt_suffix": suffix, "ratio_tags": tags,
-                                     "pruned_cot": pruned, "kept_words": chosen["kept_words"],
-                                     "words": chosen["words"]}))
+                if gg in drawn:
+                    kept[gg] = (text, info)
+            for j, g in enumerate(drawn):
+                pruned, info = kept[g]
+                per_gamma[f"{g:g}"]["drawn"] += 1
+                over += info["over_budget"]
+                suffix = tags[f"{g:g}"]
+                prompt = engine.chat_prompt(e.meta["question"], suffix=suffix) if suffix else e.prompt
+                out.append(Example(id=e.id if j == 0 else f"{e.id}@{g:g}", problem_id=e.problem_id, prompt=prompt,
+                                   completion=pruned + e.meta["answer_tail"],
+                                   meta={**e.meta, "gamma": g, "prompt_suffix": suffix, "ratio_tags": tags,
+                                         "pruned_cot": pruned, "kept_words": info["kept_words"],
+                                         "words": info["words"]}))
         summary = {g: {"drawn": st["drawn"], "mean_token_ratio": round(mean(st["ratios"]), 4),
                        "over_budget": st["over"]} for g, st in per_gamma.items()}
         ctx.stats.update(examples=len(out), scorer=c.scorer, over_budget=over, by_gamma=summary)
