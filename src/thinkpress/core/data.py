@@ -89,6 +89,9 @@ class Prediction(Record):
     decode_s: float = Field(description="This answer's share of the batch's decode time")
     wall_s: float = Field(description="This answer's share of the batch's wall time")
     peak_kv_bytes: int = Field(description="Peak KV-cache bytes of the batch it was decoded in")
+    token_ids: list[int] | None = Field(default=None, description="The generated token ids (for agreement metrics)")
+    kv_evicted: float = Field(default=0.0, description="This answer's share of the cache entries its batch's KV "
+                              "policy evicted")
 
 
 class TrainResult(Record):

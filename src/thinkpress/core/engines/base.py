@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,8 @@ class GenParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    """Decode to ``max_new_tokens`` whatever the model emits (throughput benchmarks)."""
 
     @property
     def greedy(self) -> bool:
@@ -44,6 +47,8 @@ class GenStats:
     decode_s: float = 0.0
     peak_kv_bytes: int = 0
     steps: int = 0
+    kv_evicted: int = 0
+    """Cache entries (per layer and KV head, counted once per token) a KV policy removed."""
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -56,21 +61,39 @@ class GenStats:
 class KVPolicy:
     """Decode-time KV-cache policy hook. The base class keeps everything (no-op).
 
-    The ``hf`` engine calls :meth:`begin` after prefill and :meth:`after_step` after every decode
-    step with the live ``DynamicCache`` and the 2-D attention mask (``[batch, cache_len]``). A policy
-    that evicts entries must remove them physically from every layer's keys and values and return
-    the attention mask pruned with the same indices; the engine keeps passing absolute position ids,
-    so RoPE positions survive eviction.
+    The ``hf`` engine drives a policy through one batch like this::
+
+        with policy.session(model):            # e.g. install query capture; checks that can refuse
+            prefill
+            mask = policy.begin(cache, mask, prompt_lengths)
+            loop: [policy.select_rows(idx) when finished rows leave the batch]
+                  forward one token (the mask gained a column of ones)
+                  mask = policy.after_step(cache, mask, step)
+
+    ``cache`` is the live ``DynamicCache`` (``layers[i].keys/.values`` [batch, kv_heads, len, dim],
+    post-RoPE); ``mask`` the 2-D attention mask [batch, len] (left padding is 0). A policy that evicts
+    must remove entries physically from every layer's keys and values and return the mask pruned
+    with the same indices (every layer keeps the same number of entries per row; a row whose real
+    entries are fewer than the new length fills the front with masked slots). The engine passes
+    absolute position ids, so RoPE positions survive eviction.
     """
 
     name = "full"
     needs_queries = False
+
+    def session(self, model: Any) -> AbstractContextManager:
+        """Context for one batch's decode (default: nothing). Raise here to refuse a model before decoding."""
+        return nullcontext()
 
     def begin(self, cache: Any, attention_mask: Any, prompt_lengths: list[int]) -> Any:
         return attention_mask
 
     def after_step(self, cache: Any, attention_mask: Any, step: int) -> Any:
         return attention_mask
+
+    def select_rows(self, idx: Any) -> None:
+        """Rows ``idx`` (a 1-D index tensor) stay in the batch, in that order: drop the others' state."""
+        return None
 
 
 ProgressFn = Callable[[int], None]
@@ -100,6 +123,16 @@ class Engine(ABC):
         logprobs: bool = False,
     ) -> list[list[Completion]]:
         """``n`` completions for each prompt. ``seeds[i]`` seeds prompt i's samples (resume-stable)."""
+
+    def forced_decode(self, prompts: list[str], token_ids: list[list[int]], *, kv_policy: KVPolicy | None = None,
+                      batch_size: int = 8) -> list[list[float]]:
+        """Log-probabilities of given output tokens, decoded step by step under ``kv_policy``.
+
+        Unlike :meth:`score` (one parallel pass, full attention), this feeds ``token_ids[i]`` one at a
+        time through the decode loop, so a KV policy evicts exactly as it would while generating: the
+        teacher-forced NLL of a full-cache output under a pruned cache.
+        """
+        raise NotImplementedError(f"engine {self.name!r} cannot teacher-force through its decode loop")
 
     @abstractmethod
     def score(self, prompts: list[str], continuations: list[str], *, batch_size: int = 4) -> list[list[float]]:

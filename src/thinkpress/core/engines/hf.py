@@ -141,8 +141,24 @@ class HFEngine(Engine):
                 progress(len(batch))
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
-    def _decode(self, prompts: list[str], params: GenParams, gens, policy: KVPolicy, want_logprobs: bool):
+    def forced_decode(self, prompts, token_ids, *, kv_policy=None, batch_size=8) -> list[list[float]]:
+        out: list[list[float]] = [[] for _ in prompts]
+        todo = [i for i, t in enumerate(token_ids) if t]
+        for s in range(0, len(todo), batch_size):
+            rows = todo[s : s + batch_size]
+            force = [token_ids[i] for i in rows]
+            params = GenParams(max_new_tokens=max(len(f) for f in force), ignore_eos=True)
+            res = self._decode([prompts[i] for i in rows], params, None, kv_policy or KVPolicy(), True, force=force)
+            for i, c in zip(rows, res, strict=True):
+                out[i] = c.logprobs or []
+        return out
+
+    def _decode(self, prompts: list[str], params: GenParams, gens, policy: KVPolicy, want_logprobs: bool,
+                force: list[list[int]] | None = None):
+        with torch.inference_mode(), policy.session(self.model):
+            return self._decode_loop(prompts, params, gens, policy, want_logprobs, force)
+
+    def _decode_loop(self, prompts, params, gens, policy, want_logprobs, force):
         from transformers import DynamicCache
 
         enc = [self._encode(p) for p in prompts]
@@ -160,7 +176,9 @@ class HFEngine(Engine):
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+        kept = int(mask.sum())
         mask = policy.begin(cache, mask, [len(e) for e in enc])
+        evicted = kept - int(mask.sum())
         logits = out.logits[:, -1, :]
         next_pos = pos[:, -1] + 1
         t1 = time.perf_counter()
@@ -175,12 +193,15 @@ class HFEngine(Engine):
         peak = kv_cache_bytes(cache)
         step = 0
         while True:
-            nxt = self._pick(logits, params, [gens[r] for r in active] if gens else None)
+            if force is not None:
+                nxt = torch.tensor([force[r][len(tokens[r])] for r in active], device=self.device)
+            else:
+                nxt = self._pick(logits, params, [gens[r] for r in active] if gens else None)
             if want_logprobs:
                 lp = -token_scores(logits, nxt).surprisal
             done_rows = []
             nxt_list = nxt.tolist()
-            is_eos = torch.isin(nxt, eos).tolist()
+            is_eos = [False] * len(active) if params.ignore_eos else torch.isin(nxt, eos).tolist()
             for k, r in enumerate(active):
                 if is_eos[k]:
                     finish[r] = "eos"
@@ -195,7 +216,7 @@ class HFEngine(Engine):
                         finish[r] = "stop"
                         done_rows.append(k)
                         continue
-                if len(tokens[r]) >= params.max_new_tokens:
+                if len(tokens[r]) >= (len(force[r]) if force is not None else params.max_new_tokens):
                     finish[r] = "length"
                     done_rows.append(k)
             step += 1
@@ -206,6 +227,7 @@ class HFEngine(Engine):
                 keep = [k for k in range(len(active)) if k not in gone]
                 idx = torch.tensor(keep, device=self.device)
                 _select_rows(cache, idx)
+                policy.select_rows(idx)
                 mask, next_pos, nxt = mask.index_select(0, idx), next_pos.index_select(0, idx), nxt.index_select(0, idx)
                 active = [active[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -214,11 +236,14 @@ class HFEngine(Engine):
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
+            kept = int(mask.sum())
             mask = policy.after_step(cache, mask, step)
+            evicted += kept - int(mask.sum())
             peak = max(peak, kv_cache_bytes(cache))
         t2 = time.perf_counter()
         self.stats.decode_s += t2 - t1
         self.stats.steps += step
+        self.stats.kv_evicted += evicted
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, peak)
         results = []
         for r in range(B):
