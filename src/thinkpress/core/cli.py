@@ -106,6 +106,8 @@ def plugins_cmd(as_json):
         table.add_column(col)
     for i in infos:
         stages = "; ".join(f"{s}: {', '.join(c)}" for s, c in i["stages"].items()) or "-"
+        if i["bundle"]:
+            stages = "bundle of: " + ", ".join(i["bundle"])
         status = "[red]broken[/]: " + i["broken"].splitlines()[0] if i["broken"] else ("built-in" if i["builtin"]
                                                                                        else i["entry_point"])
         table.add_row(i["name"], i["version"] or "-", stages, ", ".join(i["hooks"]), status)

@@ -51,6 +51,8 @@ class EvalConfig(Strict):
     enabled: bool = Field(default=True, description="Evaluate after training")
     base: bool = Field(default=True, description="Also evaluate the base model (variant 'base')")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding for evaluation")
+    kv_agreement: bool = Field(default=True, description="KV-policy variants: token agreement with, and teacher-forced "
+                               "NLL of, the full-cache outputs that ended with EOS (one extra decode pass each)")
 
 
 class StageChoice(Strict):
@@ -165,6 +167,22 @@ PLUGIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 """Per-preset, per-plugin overlays (see the comment inside)."""
 
 
+def _kv_overlays(budgets: list[int], buffer: int, rpc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """KV policies on short CPU answers: budgets (and R-KV/SnapKV's buffer, RPC's period) scaled down so
+    that the policies evict at all (a few hundred tokens per answer, against 128-token buffers and
+    1024-token periods in the papers). Streaming and H2O keep their every-step eviction."""
+    scored = ("snapkv", "rkv", "knorm", "keydiff")
+    out = {p: {"components": {p: {"budgets": budgets, "buffer": buffer}}} for p in scored}
+    out |= {p: {"components": {p: {"budgets": budgets}}} for p in ("streaming", "h2o")}
+    out["rpc"] = {"components": {"rpc": rpc}}
+    return out
+
+
+PLUGIN_PRESETS["smoke"] |= _kv_overlays([48, 96], 16, {"period": 32, "ratios": [2], "obs_window": 8, "window": 8})
+PLUGIN_PRESETS["default"] |= _kv_overlays([64, 128], 32, {"period": 64, "ratios": [2, 4], "obs_window": 16,
+                                                           "window": 16})
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -263,7 +281,10 @@ def build_config(
 
     data = layered(PRESETS[preset])
     plugins = data.get("plugins") if isinstance(data.get("plugins"), list) else []
-    overlays = [PLUGIN_PRESETS.get(preset, {}).get(p) for p in plugins]
+    from thinkpress.core.plugins import BUILTIN_BUNDLES
+
+    members = [m for p in plugins for m in (p, *BUILTIN_BUNDLES.get(p, ()))]
+    overlays = [PLUGIN_PRESETS.get(preset, {}).get(p) for p in dict.fromkeys(members)]
     if any(overlays):
         base = PRESETS[preset]
         for ov in overlays:

@@ -123,7 +123,37 @@ def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: flo
         "latency_s": wall_s / n if n else 0.0,
         "decode_tokens_per_s": gen / decode_s if decode_s > 0 else 0.0,
         "peak_kv_bytes": peak_kv_bytes,
+        "kv_evicted": round(sum(p.get("kv_evicted", 0.0) for p in predictions)),
     }
     if base_mean_tokens:
         m["tokens_saved"] = 1.0 - m["mean_tokens"] / base_mean_tokens
     return m
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def kv_agreement(full: list[dict[str, Any]], pruned: list[dict[str, Any]]) -> dict[str, Any]:
+    """Agreement of pruned-cache outputs with the full-cache ones, on the full-cache answers that ended with EOS.
+
+    ``token_agreement``: mean share of each full-cache output reproduced before the first differing
+    token (after a difference greedy outputs are not comparable position by position);
+    ``exact_match``: share of identical outputs. Pairs by ``problem_id``.
+    """
+    by_id = {p["problem_id"]: p for p in pruned}
+    pairs = [(f, by_id[f["problem_id"]]) for f in full
+             if f["finish_reason"] == "eos" and f.get("token_ids") and f["problem_id"] in by_id
+             and by_id[f["problem_id"]].get("token_ids") is not None]
+    if not pairs:
+        return {"n_agreement": 0, "token_agreement": None, "exact_match": None}
+    return {
+        "n_agreement": len(pairs),
+        "token_agreement": mean(common_prefix(f["token_ids"], p["token_ids"]) / len(f["token_ids"]) for f, p in pairs),
+        "exact_match": mean(float(f["token_ids"] == p["token_ids"]) for f, p in pairs),
+    }

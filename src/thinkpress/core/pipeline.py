@@ -36,9 +36,9 @@ from thinkpress.core.config import RunConfig, dump_yaml, format_validation_error
 from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Prediction, Problem, Sample, TrainingSet, TrainResult, read_jsonl, write_jsonl
 from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
-from thinkpress.core.evaluation import grade, summarize
+from thinkpress.core.evaluation import grade, kv_agreement, summarize
 from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
-from thinkpress.core.plugins import ComponentEntry, Registry, get_registry, is_kv
+from thinkpress.core.plugins import ComponentEntry, Registry, expand_plugins, get_registry, is_kv
 from thinkpress.core.stages import SINGLE_STAGES, Component, EvalVariant
 from thinkpress.core.store import RunStore, atomic_write_json, stable_hash
 
@@ -96,6 +96,7 @@ def _instantiate(entry: ComponentEntry, cfg: RunConfig) -> Planned:
 
 def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
     reg.require_plugins(cfg.plugins)
+    plugins = expand_plugins(cfg.plugins)
     for name in cfg.components:
         if reg.find_component(name) is None:
             known = sorted(n for s in reg.components.values() for n in s)
@@ -109,7 +110,7 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
                 return reg.component(stage, explicit)
             except PluginError as e:
                 raise ConfigError(f"stages.{stage}: {e}") from None
-        providers = [p for p in cfg.plugins if reg.by_plugin(stage, p)]
+        providers = [p for p in plugins if reg.by_plugin(stage, p)]
         if len(providers) > 1:
             opts = ", ".join(f"{reg.by_plugin(stage, p)[0].name!r} ({p})" for p in providers)
             raise PluginError(f"plugins {' and '.join(repr(p) for p in providers)} both provide a {stage}: {opts}. "
@@ -130,7 +131,7 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
                     raise ConfigError(f"stages.{'refiners' if stage == 'refiner' else 'pruners'}: {e}") from None
             return [e for e in out if want_kv is None or is_kv(e) == want_kv]
         out = []
-        for p in cfg.plugins:
+        for p in plugins:
             found = [e for e in reg.by_plugin(stage, p) if want_kv is None or is_kv(e) == want_kv]
             if found:
                 out.append(found[0])
@@ -140,7 +141,7 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
     trace = chain("pruner", cfg.stages.pruners, False)
     kv = chain("pruner", cfg.stages.pruners, True)
     provides_training = any(
-        any(not is_kv(e) for e in reg.by_plugin(stage, p)) for p in cfg.plugins for stage in TRAINING_STAGES
+        any(not is_kv(e) for e in reg.by_plugin(stage, p)) for p in plugins for stage in TRAINING_STAGES
     ) or any(getattr(cfg.stages, s) for s in SINGLE_STAGES) or bool(cfg.stages.refiners)
     train = provides_training if cfg.train is None else cfg.train
     plan = Plan(
@@ -228,6 +229,8 @@ class Runner:
         self.state = RunState(cfg, self.reg, self.store, self.ui)
         self.stage_info: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self.eval_keys: dict[str, str] = {}
+        """Evaluation cache key of every variant evaluated so far (KV variants find their reference's)."""
         self.report_lines: list[str] = []
         """Markdown that components add to report.md (see ``Component.report_extras``)."""
 
@@ -346,8 +349,9 @@ class Runner:
         g = self.cfg.eval.generation
         params = GenParams(max_new_tokens=v.max_new_tokens or g.max_new_tokens, temperature=g.temperature,
                            top_p=g.top_p, stop=g.stop)
-        # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter
-        key = stable_hash("eval", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, self.test_key,
+        # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter.
+        # "eval-v2": predictions carry token ids (KV agreement); older cached evaluations lack them.
+        key = stable_hash("eval-v2", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, self.test_key,
                           g.model_dump(mode="json"), self.model_id, self.cfg.system_prompt, self.cfg.dtype,
                           self.cfg.seed)
         path = self.store.stage_cache(key)
@@ -370,7 +374,8 @@ class Runner:
                 recs.append(Prediction(problem_id=p.id, completion=o[0].text, n_tokens=o[0].n_tokens,
                                        finish_reason=o[0].finish_reason, pred=pred, correct=ok,
                                        decode_s=engine.stats.decode_s / len(chunk), wall_s=wall / len(chunk),
-                                       peak_kv_bytes=engine.stats.peak_kv_bytes))
+                                       peak_kv_bytes=engine.stats.peak_kv_bytes, token_ids=o[0].token_ids,
+                                       kv_evicted=engine.stats.kv_evicted / len(chunk)))
             return recs
 
         recs = ctx.journal_map(self.test_problems, run_chunk, chunk_size=g.batch_size, item_id=lambda p: p.id,
@@ -381,8 +386,47 @@ class Runner:
                             peak_kv_bytes=max((r["peak_kv_bytes"] for r in recs), default=None),
                             base_mean_tokens=base_mean)
         row = {"name": v.name, "params": v.params, **metrics}
+        self.eval_keys[v.name] = key
+        if v.kv_pruner and self.cfg.eval.kv_agreement:
+            row |= self.agreement(v, recs, policy, engine, key)
         atomic_write_json(out_dir / "metrics.json", row)
         return row
+
+    def agreement(self, v: EvalVariant, recs: list[dict[str, Any]], policy, engine, key: str) -> dict[str, Any]:
+        """Token agreement with, and teacher-forced NLL of, the full-cache variant's EOS-ended outputs."""
+        from thinkpress.core.engines.base import KVPolicy
+
+        ref = v.name.split("+", 1)[0]
+        path = self.store.dir / "eval" / ref.replace("/", "_") / "predictions.jsonl"
+        if ref not in self.eval_keys or not path.exists():
+            log.warning("no full-cache variant %r evaluated in this run: no agreement metrics for %s", ref, v.name)
+            return {}
+        full = [p.model_dump() for p in read_jsonl(path, Prediction)]
+        out = kv_agreement(full, recs)
+        todo = [f for f in full if f["finish_reason"] == "eos" and f.get("token_ids")]
+        if not todo:
+            return out
+        g = self.cfg.eval.generation
+        problems = {p.id: p for p in self.test_problems}
+
+        def nll(pol, stage_key: str, desc: str) -> float:
+            ctx = StageContext(self.state, "eval", desc, self.store.stage_cache(stage_key), stage_key)
+
+            def run_chunk(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                qs = [problems[f["problem_id"]].question for f in chunk]
+                prompts = [engine.chat_prompt(q, suffix=v.prompt_suffix) for q in qs]
+                lps = engine.forced_decode(prompts, [f["token_ids"] for f in chunk], kv_policy=pol,
+                                           batch_size=g.batch_size)
+                return [{"problem_id": f["problem_id"], "nll_sum": -sum(lp), "n": len(lp)} for f, lp in
+                        zip(chunk, lps, strict=True)]
+
+            rows = ctx.journal_map(todo, run_chunk, chunk_size=g.batch_size, item_id=lambda f: f["problem_id"],
+                                   desc=desc)
+            return sum(r["nll_sum"] for r in rows) / max(1, sum(r["n"] for r in rows))
+
+        out["nll_full"] = nll(KVPolicy(), stable_hash("nll-full", self.eval_keys[ref]), f"nll {ref}")
+        out["nll_pruned"] = nll(policy, stable_hash("nll", key), f"nll {v.name}")
+        return out
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

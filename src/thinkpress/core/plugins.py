@@ -37,8 +37,25 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "baseline": "thinkpress.plugins.baseline",
     "tokensqueeze": "thinkpress.plugins.tokensqueeze",
     "tokenskip": "thinkpress.plugins.tokenskip",
+    "kvprune": "thinkpress.plugins.kvprune",
+    **{p: f"thinkpress.plugins.kvprune.{p}" for p in ("streaming", "h2o", "snapkv", "rkv", "rpc", "knorm", "keydiff")},
 }
 """Built-in plugin name -> module. ``core`` provides the ``hf`` engine, datasets and ``run_stage``."""
+
+BUILTIN_BUNDLES: dict[str, tuple[str, ...]] = {
+    "kvprune": ("streaming", "h2o", "snapkv", "rkv", "rpc", "knorm", "keydiff"),
+}
+"""Plugin names that stand for several plugins in ``--plugins`` (``kvprune``: every KV policy)."""
+
+
+def expand_plugins(names: list[str]) -> list[str]:
+    """``--plugins`` with bundles replaced by their members (order kept, duplicates dropped)."""
+    out: list[str] = []
+    for n in names:
+        for m in BUILTIN_BUNDLES.get(n, (n,)):
+            if m not in out:
+                out.append(m)
+    return out
 
 STAGE_HOOKS = {
     "sampler": "register_samplers",
@@ -72,6 +89,7 @@ class PluginInfo:
             "broken": self.broken,
             "hooks": self.hooks,
             "stages": self.components,
+            "bundle": list(BUILTIN_BUNDLES.get(self.name, ())),
         }
 
 

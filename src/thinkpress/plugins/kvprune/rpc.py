@@ -1,0 +1,81 @@
+"""RPC, Reasoning Path Compression (Song et al. 2025).
+
+Every ``period`` (P = 1024) generated tokens, score the cache with the last ``obs_window`` (R = 32)
+queries (attention averaged over heads, pooled with ``kernel`` 7) and keep, besides the prompt
+(never compressed), ``P / ratio`` generated tokens per period so far plus the last R. One evaluation
+variant per compression ratio ``c`` (4). Needs: keys and the window queries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from thinkpress import hookimpl
+from thinkpress.core.engines.base import KVPolicy
+from thinkpress.kernels import window_attention_mass
+from thinkpress.plugins.kvprune.base import KVPress, Press, PressConfig
+
+
+class RPCConfig(PressConfig):
+    period: int = Field(default=1024, ge=2, description="P: compress every P generated tokens")
+    ratios: list[int] = Field(default=[4], description="c: keep P/c tokens per period; one variant per ratio")
+    obs_window: int = Field(default=32, ge=1, description="R: the last queries that score the cache (always kept)")
+    window: int = Field(default=32, ge=1, description="Most recent entries always kept (R)")
+    kernel: int = Field(default=7, ge=1, description="Pooling kernel over the scores (odd)")
+    pooling: Literal["avg", "max"] = Field(default="avg", description="Pooling mode")
+    per_head: bool = Field(default=False, description="RPC averages the scores over heads: one set per layer")
+    protect_prompt: bool = Field(default=True, description="RPC never compresses the prompt")
+
+    def queries_needed(self) -> int:
+        return self.obs_window
+
+    @model_validator(mode="after")
+    def _check_ratios(self):
+        if not self.ratios:
+            raise ValueError("ratios must name at least one compression ratio")
+        for c in self.ratios:
+            if c < 1 or self.period // c < 1:
+                raise ValueError(f"ratio {c} must be >= 1 and at most period ({self.period})")
+        if self.obs_window >= self.period:
+            raise ValueError(f"obs_window ({self.obs_window}) must be smaller than period ({self.period})")
+        return self
+
+
+class RPCPress(Press):
+    def __init__(self, config, ratio: int, name):
+        super().__init__(config, 0, name)
+        self.ratio = ratio
+        self.params = {"ratio": ratio}
+
+    def triggered(self, counts):
+        due = self.generated > 0 and self.generated % self.config.period == 0
+        return counts.new_full(counts.shape, due, dtype=bool)
+
+    def target_size(self, row):
+        c = self.config
+        periods = self.generated // c.period
+        return int(self.prompt_len[row]) + periods * (c.period // self.ratio) + c.obs_window
+
+    def score_row(self, layer, keys, values, queries, positions, row):
+        c = self.config
+        return window_attention_mass(queries, keys, causal=True, pool_kernel=c.kernel, pool_mode=c.pooling)
+
+
+class RPC(KVPress):
+    name = "rpc"
+    description = "RPC: periodic compression of the reasoning path, prompt kept"
+    Config = RPCConfig
+    press_cls = RPCPress
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"ratio": c} for c in self.config.ratios]
+
+    def make_policy(self, params: dict[str, Any]) -> KVPolicy:
+        return RPCPress(self.config, int(params.get("ratio", self.config.ratios[0])), self.name)
+
+
+@hookimpl
+def register_pruners(register):
+    register(RPC)
