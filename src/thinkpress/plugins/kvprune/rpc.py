@@ -14,8 +14,8 @@ from pydantic import Field, model_validator
 
 from thinkpress import hookimpl
 from thinkpress.core.engines.base import KVPolicy
-from thinkpress.kernels import window_attention_mass
-from thinkpress.plugins.kvprune.base import KVPress, Press, PressConfig
+from thinkpress.plugins.kvprune.base import KVPress, PressConfig
+from thinkpress.plugins.kvprune.snapkv import SnapKVPress
 
 
 class RPCConfig(PressConfig):
@@ -43,7 +43,9 @@ class RPCConfig(PressConfig):
         return self
 
 
-class RPCPress(Press):
+class RPCPress(SnapKVPress):
+    """SnapKV's pooled window attention (``kernel``, ``pooling``), on a period trigger with the prompt kept."""
+
     def __init__(self, config, ratio: int, name):
         super().__init__(config, 0, name)
         self.ratio = ratio
@@ -57,10 +59,6 @@ class RPCPress(Press):
         c = self.config
         periods = self.generated // c.period
         return int(self.prompt_len[row]) + periods * (c.period // self.ratio) + c.obs_window
-
-    def score_row(self, layer, keys, values, queries, positions, row):
-        c = self.config
-        return window_attention_mass(queries, keys, causal=True, pool_kernel=c.kernel, pool_mode=c.pooling)
 
 
 class RPC(KVPress):
