@@ -132,7 +132,9 @@ class Engine(ABC):
         time through the decode loop, so a KV policy evicts exactly as it would while generating: the
         teacher-forced NLL of a full-cache output under a pruned cache.
         """
-        raise NotImplementedError(f"engine {self.name!r} cannot teacher-force through its decode loop")
+        from thinkpress.core.errors import ModelError
+
+        raise ModelError(f"engine {self.name!r} has no decode loop to teacher-force through (use the hf engine)")
 
     @abstractmethod
     def score(self, prompts: list[str], continuations: list[str], *, batch_size: int = 4) -> list[list[float]]:

@@ -97,8 +97,8 @@ class Press(KVPolicy):
                   positions: torch.Tensor, row: int) -> torch.Tensor:
         """Importance of batch row ``row``'s real entries: keys/values [1, H, n, D], queries [1, Hq, w, D]
         (the row's last w post-RoPE queries, w <= query window; the last w keys are theirs), positions
-        [1, H, n]. Higher is kept. Returns [1, H, n]."""
-        raise NotImplementedError
+        [1, H, n]. Higher is kept. Returns [1, H, n]. Every policy defines it."""
+        raise TypeError(f"{type(self).__name__} must define score_row")
 
     def target_size(self, row: int) -> int:
         """Entries a triggered row keeps (``budget`` unless the policy sizes itself)."""
