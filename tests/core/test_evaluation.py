@@ -1,6 +1,14 @@
 import pytest
 
-from thinkpress.core.evaluation import extract_answer, grade, is_equivalent, last_boxed, percentile, summarize
+from thinkpress.core.evaluation import (
+    extract_answer,
+    grade,
+    is_equivalent,
+    last_boxed,
+    paired_flips,
+    percentile,
+    summarize,
+)
 
 
 @pytest.mark.parametrize(
@@ -48,3 +56,21 @@ def test_grade_and_summary_by_hand():
     assert m["tokens_saved"] == 0.5 and m["peak_kv_bytes"] == 123
     assert grade("The answer is \\boxed{7}", "7") == ("7", True)
     assert percentile([], 0.5) == 0.0
+
+
+def test_paired_flips_counts_changed_problems_and_the_exact_mcnemar_p():
+    ref = [{"problem_id": str(i), "correct": i < 8} for i in range(10)]  # 8 right
+    # six of the reference's right answers turn wrong, none the other way; one id is missing from `other`
+    other = [{"problem_id": str(i), "correct": i >= 6 and i < 8} for i in range(9)]
+    m = paired_flips(ref, other)
+    assert (m["n_paired"], m["lost"], m["gained"]) == (9, 6, 0)
+    assert m["flip_p"] == pytest.approx(2 / 2**6)  # both tails of Binomial(6, 1/2) at the extreme: 2 * 1/64
+    # one lost, one gained: a perfectly even split, p = 1
+    even = paired_flips(ref[:4] + [{"problem_id": "9", "correct": False}],
+                        [{"problem_id": "0", "correct": False}, {"problem_id": "9", "correct": True}])
+    assert (even["lost"], even["gained"], even["flip_p"]) == (1, 1, 1.0)
+    # 1 lost vs 5 gained: P(X <= 1) = 7/64 per tail
+    skew = paired_flips([{"problem_id": str(i), "correct": i == 0} for i in range(6)],
+                        [{"problem_id": str(i), "correct": i > 0} for i in range(6)])
+    assert (skew["lost"], skew["gained"]) == (1, 5) and skew["flip_p"] == pytest.approx(14 / 64)
+    assert paired_flips(ref, ref)["flip_p"] == 1.0

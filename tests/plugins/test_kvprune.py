@@ -205,5 +205,8 @@ def test_kv_run_end_to_end(tmp_path):
     assert huge["kv_evicted"] == 0 and huge["peak_kv_bytes"] == rows["base"]["peak_kv_bytes"]
     if huge["n_agreement"]:  # an infinite budget agrees with the full cache exactly
         assert huge["token_agreement"] == 1.0 and huge["nll_pruned"] == pytest.approx(huge["nll_full"], abs=1e-3)
+    # paired against the full cache: the no-op budget changes no answer, and the counts explain the accuracy gap
+    assert huge["flips_vs"] == "base" and (huge["n_paired"], huge["lost"], huge["gained"]) == (6, 0, 0)
+    assert small["gained"] - small["lost"] == round(6 * (small["accuracy"] - rows["base"]["accuracy"]))
     md = (out / "report.md").read_text()
     assert "base+rkv@budget=4096" in md.split("No entry was evicted in")[1] and (out / "kv_rkv.png").exists()

@@ -157,3 +157,22 @@ def kv_agreement(full: list[dict[str, Any]], pruned: list[dict[str, Any]]) -> di
         "token_agreement": mean(common_prefix(f["token_ids"], p["token_ids"]) / len(f["token_ids"]) for f, p in pairs),
         "exact_match": mean(float(f["token_ids"] == p["token_ids"]) for f, p in pairs),
     }
+
+
+def paired_flips(reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-problem correctness of ``other`` against ``reference``, paired by ``problem_id``.
+
+    ``lost``: right in the reference, wrong in ``other``; ``gained``: the reverse; ``flip_p``: the exact
+    two-sided McNemar (sign) test of lost vs. gained, i.e. how likely a split at least this uneven is
+    when the two variants are equally accurate. On a few dozen problems an accuracy difference of one
+    or two problems is noise, and this says so.
+    """
+    from math import comb
+
+    by_id = {p["problem_id"]: bool(p["correct"]) for p in other}
+    pairs = [(bool(r["correct"]), by_id[r["problem_id"]]) for r in reference if r["problem_id"] in by_id]
+    lost = sum(1 for a, b in pairs if a and not b)
+    gained = sum(1 for a, b in pairs if b and not a)
+    n = lost + gained
+    p = min(1.0, 2 * sum(comb(n, k) for k in range(min(lost, gained) + 1)) / 2**n) if n else 1.0
+    return {"n_paired": len(pairs), "lost": lost, "gained": gained, "flip_p": p}

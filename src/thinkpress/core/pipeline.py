@@ -36,7 +36,7 @@ from thinkpress.core.config import RunConfig, dump_yaml, format_validation_error
 from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Prediction, Problem, Sample, TrainingSet, TrainResult, read_jsonl, write_jsonl
 from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
-from thinkpress.core.evaluation import grade, kv_agreement, summarize
+from thinkpress.core.evaluation import grade, kv_agreement, paired_flips, summarize
 from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
 from thinkpress.core.plugins import ComponentEntry, Registry, expand_plugins, get_registry, is_kv
 from thinkpress.core.stages import SINGLE_STAGES, Component, EvalVariant
@@ -387,21 +387,31 @@ class Runner:
                             base_mean_tokens=base_mean)
         row = {"name": v.name, "params": v.params, **metrics}
         self.eval_keys[v.name] = key
+        ref = v.name.split("+", 1)[0] if v.kv_pruner else "base"
+        ref_recs = self.predictions(ref) if ref != v.name else None
+        if ref_recs is not None:
+            row |= {"flips_vs": ref, **paired_flips(ref_recs, recs)}
         if v.kv_pruner and self.cfg.eval.kv_agreement:
             row |= self.agreement(v, recs, policy, engine, key)
         atomic_write_json(out_dir / "metrics.json", row)
         return row
+
+    def predictions(self, name: str) -> list[dict[str, Any]] | None:
+        """The predictions of a variant evaluated earlier in this run (None if it was not)."""
+        path = self.store.dir / "eval" / name.replace("/", "_") / "predictions.jsonl"
+        if name not in self.eval_keys or not path.exists():
+            return None
+        return [p.model_dump() for p in read_jsonl(path, Prediction)]
 
     def agreement(self, v: EvalVariant, recs: list[dict[str, Any]], policy, engine, key: str) -> dict[str, Any]:
         """Token agreement with, and teacher-forced NLL of, the full-cache variant's EOS-ended outputs."""
         from thinkpress.core.engines.base import KVPolicy
 
         ref = v.name.split("+", 1)[0]
-        path = self.store.dir / "eval" / ref.replace("/", "_") / "predictions.jsonl"
-        if ref not in self.eval_keys or not path.exists():
+        full = self.predictions(ref)
+        if full is None:
             log.warning("no full-cache variant %r evaluated in this run: no agreement metrics for %s", ref, v.name)
             return {}
-        full = [p.model_dump() for p in read_jsonl(path, Prediction)]
         out = kv_agreement(full, recs)
         todo = [f for f in full if f["finish_reason"] == "eos" and f.get("token_ids")]
         if not todo:

@@ -25,7 +25,7 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = ("variant", "n", "accuracy", "mean tok", "mean tok (correct)", "p50", "p90", "truncated", "saved vs base",
-            "latency/problem s", "decode tok/s", "peak KV MB")
+            "latency/problem s", "decode tok/s", "peak KV MB", "lost / gained (p)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kv = r.get("peak_kv_bytes")
@@ -33,9 +33,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             r["name"], str(r["n"]), _fmt(r["accuracy"], True), _fmt(r["mean_tokens"]), _fmt(r["mean_tokens_correct"]),
             _fmt(r["p50_tokens"]), _fmt(r["p90_tokens"]), _fmt(r["truncation_rate"], True),
             _fmt(r.get("tokens_saved"), True), _fmt(r["latency_s"]), _fmt(r["decode_tokens_per_s"]),
-            _fmt(kv / 2**20 if kv else None),
+            _fmt(kv / 2**20 if kv else None), flips(r),
         ]) + " |")
     return "\n".join(lines)
+
+
+def flips(r: dict[str, Any]) -> str:
+    """``lost / gained (p)`` against the variant's reference (see ``evaluation.paired_flips``)."""
+    if r.get("flips_vs") is None:
+        return "-"
+    return f"{r['lost']} / {r['gained']} ({r['flip_p']:.2f})"
+
+
+FLIPS_NOTE = ("lost / gained (p): problems right in the reference variant (base; for a KV variant, the same model "
+              "with the full cache) and wrong in this one, the reverse, and the exact two-sided McNemar p-value: "
+              "a large p means the accuracy difference is within chance on this many problems.")
 
 
 def plot(rows: list[dict[str, Any]], path) -> None:
@@ -87,7 +99,10 @@ def write_report(runner: Runner, rows: list[dict[str, Any]]) -> dict[str, Any]:
           f"- wall time: {runner.timings.get('total_s', 0):.0f} s (training stages "
           f"{runner.timings.get('train_s', 0):.0f} s, evaluation {runner.timings.get('eval_s', 0):.0f} s)", ""]
     if rows:
-        md += ["## Evaluation", "", markdown_table(rows), "", "![accuracy vs tokens](plot.png)", ""]
+        md += ["## Evaluation", "", markdown_table(rows), ""]
+        if any(r.get("flips_vs") for r in rows):
+            md += [FLIPS_NOTE, ""]
+        md += ["![accuracy vs tokens](plot.png)", ""]
     extra = getattr(runner, "report_lines", [])
     if extra:
         md += [*extra, ""]

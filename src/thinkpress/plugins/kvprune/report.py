@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from thinkpress.core.report import _fmt
+from thinkpress.core.report import _fmt, flips
 
 
 def reference_name(row: dict[str, Any]) -> str:
@@ -20,9 +20,10 @@ def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> lis
     if not mine:
         return []
     lines = [f"### KV policy `{policy}` vs. the full cache", "",
-             "| variant | accuracy | vs full | mean tok | peak KV MB | KV % of full | decode tok/s | speed vs full "
+             "| variant | accuracy | vs full | lost / gained (p) | mean tok | peak KV MB | KV % of full | decode tok/s "
+             "| speed vs full "
              "| token agreement | identical outputs | NLL full -> pruned | entries evicted |",
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     noop = []
     for r in mine:
         ref = by_name.get(reference_name(r))
@@ -38,14 +39,15 @@ def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> lis
         kv = r.get("peak_kv_bytes")
         lines.append("| " + " | ".join([
             r["name"], _fmt(r["accuracy"], True),
-            f"{100 * r['accuracy_delta']:+.1f} pt" if "accuracy_delta" in r else "-", _fmt(r["mean_tokens"]),
+            f"{100 * r['accuracy_delta']:+.1f} pt" if "accuracy_delta" in r else "-", flips(r), _fmt(r["mean_tokens"]),
             _fmt(kv / 2**20 if kv else None), _fmt(r.get("kv_ratio"), True), _fmt(r["decode_tokens_per_s"]),
             f"{r['speed_ratio']:.2f}x" if "speed_ratio" in r else "-", _fmt(r.get("token_agreement"), True),
             _fmt(r.get("exact_match"), True), nll, _fmt(r.get("kv_evicted")),
         ]) + " |")
     lines += ["", "Token agreement: the share of each full-cache output (answers that ended with EOS) that the "
               "pruned run reproduced before its first differing token; NLL: mean per-token NLL of those full-cache "
-              "outputs, teacher-forced through the decode loop with the full and with the pruned cache."]
+              "outputs, teacher-forced through the decode loop with the full and with the pruned cache; lost / gained: "
+              "problems the full cache got right and the pruned cache wrong, the reverse, and the exact McNemar p."]
     if noop:
         lines += ["", f"No entry was evicted in {', '.join(noop)}: every sequence fit in the budget (+ buffer), so "
                   "these variants are the full cache (a no-op, not a result about the policy)."]
