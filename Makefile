@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q --timeout 1800 tests examples/thinkpress-shortest/tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples scripts
 
 bench: install
 	$(PY) -m pytest -q benchmarks --benchmark-only

@@ -392,7 +392,10 @@ class Runner:
         if ref_recs is not None:
             row |= {"flips_vs": ref, **paired_flips(ref_recs, recs)}
         if v.kv_pruner and self.cfg.eval.kv_agreement:
-            row |= self.agreement(v, recs, policy, engine, key)
+            if ref_recs is None:
+                log.warning("no full-cache variant %r evaluated in this run: no agreement metrics for %s", ref, v.name)
+            else:
+                row |= self.agreement(v, ref, ref_recs, recs, policy, engine, key)
         atomic_write_json(out_dir / "metrics.json", row)
         return row
 
@@ -403,15 +406,11 @@ class Runner:
             return None
         return [p.model_dump() for p in read_jsonl(path, Prediction)]
 
-    def agreement(self, v: EvalVariant, recs: list[dict[str, Any]], policy, engine, key: str) -> dict[str, Any]:
-        """Token agreement with, and teacher-forced NLL of, the full-cache variant's EOS-ended outputs."""
+    def agreement(self, v: EvalVariant, ref: str, full: list[dict[str, Any]], recs: list[dict[str, Any]], policy,
+                  engine, key: str) -> dict[str, Any]:
+        """Token agreement with, and teacher-forced NLL of, the full-cache variant ``ref``'s EOS-ended outputs."""
         from thinkpress.core.engines.base import KVPolicy
 
-        ref = v.name.split("+", 1)[0]
-        full = self.predictions(ref)
-        if full is None:
-            log.warning("no full-cache variant %r evaluated in this run: no agreement metrics for %s", ref, v.name)
-            return {}
         out = kv_agreement(full, recs)
         todo = [f for f in full if f["finish_reason"] == "eos" and f.get("token_ids")]
         if not todo:
