@@ -3,6 +3,9 @@
 A plain training loop rather than ``transformers.Trainer``: it runs on CPU with bf16 autocast,
 checkpoints the adapter (``adapter_last_good/``) so that a non-finite loss stops training with a
 clear error while keeping the last good weights, and reports progress through the run's UI.
+Before the model is loaded (only its tokenizer), :func:`check_truncation` counts the examples (or pairs)
+that ``max_length`` would cut, records the count in the stage's stats and refuses to train when
+more than 5% would be cut.
 Several GPUs: launch ``thinkpress run`` under ``accelerate launch``; the loop uses ``Accelerator``.
 """
 
@@ -13,7 +16,8 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -21,8 +25,8 @@ import torch
 from pydantic import Field
 
 from thinkpress.core.context import StageContext
-from thinkpress.core.data import Example, TrainingSet, TrainResult
-from thinkpress.core.errors import TrainingError
+from thinkpress.core.data import Example, PreferencePair, TrainingSet, TrainResult
+from thinkpress.core.errors import ConfigError, TrainingError
 from thinkpress.core.stages import ComponentConfig, Trainer
 
 ALL_LINEAR = "all-linear"
@@ -38,7 +42,9 @@ class SFTConfig(ComponentConfig):
     epochs: float = Field(default=1.0, gt=0.0, description="Passes over the training set (fractions allowed)")
     batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch")
     grad_accum: int = Field(default=2, ge=1, description="Micro-batches per optimizer step")
-    max_length: int = Field(default=512, ge=8, description="Truncate prompt+completion to this many tokens")
+    max_length: int = Field(default=512, ge=8, description="Cut prompt+completion(+EOS) to this many tokens; the "
+                            "cut examples are counted (stats truncated_examples) and training refuses to start "
+                            "when more than 5% would be cut")
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Linear warmup fraction of the steps")
     scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="LR schedule after warmup")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
@@ -50,7 +56,10 @@ class SFTConfig(ComponentConfig):
 
 
 def encode_example(tok, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]] | None:
-    """Token ids and labels (prompt masked with -100); None when the prompt leaves no room."""
+    """Token ids and labels (prompt masked with -100), cut to ``max_length``; None when the prompt leaves no room.
+
+    The cut is silent here: trainers count it first with :func:`check_truncation`.
+    """
     p = tok(prompt, add_special_tokens=False).input_ids
     c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
     ids = (p + c)[:max_length]
@@ -58,6 +67,71 @@ def encode_example(tok, prompt: str, completion: str, max_length: int) -> tuple[
     if all(x == -100 for x in labels):
         return None
     return ids, labels
+
+
+MAX_CUT_PERCENT = 5
+"""Training refuses to start when more than this share of the examples (or pairs) ``max_length`` would cut."""
+
+
+@dataclass(frozen=True)
+class TruncationCount:
+    """How many of ``total`` examples (or pairs) ``max_length`` cuts, and the longest sequence in tokens."""
+
+    unit: str
+    total: int
+    cut: int
+    longest: int
+    max_length: int
+
+    @property
+    def percent(self) -> float:
+        return 100 * self.cut / self.total if self.total else 0.0
+
+    @property
+    def too_many(self) -> bool:
+        return self.cut * 100 > MAX_CUT_PERCENT * self.total  # integers: exactly 5% is allowed
+
+
+def count_truncated(tok, items: Sequence[Example] | Sequence[PreferencePair], max_length: int) -> TruncationCount:
+    """Count the items :func:`encode_example` would cut: prompt + completion + EOS longer than ``max_length``.
+
+    A preference pair counts once, when its chosen or its rejected answer is cut.
+    """
+    pairs = bool(items) and isinstance(items[0], PreferencePair)
+    lengths = []
+    if items:  # tokenized in two batched calls, the same way as encode_example (prompt and completion apart)
+        per_item = 2 if pairs else 1
+        texts = [t for x in items for t in ((x.chosen, x.rejected) if pairs else (x.completion,))]
+        n_prompt = [len(ids) for ids in tok([x.prompt for x in items], add_special_tokens=False).input_ids]
+        n_comp = [len(ids) + 1 for ids in tok(texts, add_special_tokens=False).input_ids]  # + EOS
+        lengths = [n + max(n_comp[i * per_item:(i + 1) * per_item]) for i, n in enumerate(n_prompt)]
+    return TruncationCount(unit="pairs" if pairs else "examples", total=len(items),
+                           cut=sum(n > max_length for n in lengths), longest=max(lengths, default=0),
+                           max_length=max_length)
+
+
+def check_truncation(tok, items: Sequence[Example] | Sequence[PreferencePair], cfg: SFTConfig, *, component: str,
+                     ctx: StageContext | None = None) -> TruncationCount:
+    """Count what ``cfg.max_length`` cuts; record it in ``ctx.stats`` (``examples``/``truncated_examples``, or
+    ``pairs``/``truncated_pairs``) and the log, and raise :class:`ConfigError` when more than 5% would be cut.
+
+    Call it before training (and before loading the model): it needs only the tokenizer.
+    """
+    t = count_truncated(tok, items, cfg.max_length)
+    key = f"components.{component}.max_length={t.max_length}"
+    if ctx is not None:
+        ctx.stats.update({t.unit: t.total, f"truncated_{t.unit}": t.cut})
+    if t.too_many:
+        raise ConfigError(
+            f"{key} would cut {t.cut} of {t.total} {t.unit} ({t.percent:.3g}%; at most {MAX_CUT_PERCENT}% may be "
+            f"cut); raise it (the longest prompt+completion is {t.longest} tokens) or train on shorter completions "
+            "(e.g. a lower max_new_tokens for the sampler)"
+        )
+    if ctx is not None:
+        what = (f"cuts {t.cut} of {t.total} {t.unit} ({t.percent:.3g}%, within the {MAX_CUT_PERCENT}% allowed)"
+                if t.cut else f"cuts none of the {t.total} {t.unit}")
+        ctx.log(f"max_length={t.max_length} {what}; the longest prompt+completion is {t.longest} tokens")
+    return t
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
@@ -99,19 +173,30 @@ def lr_lambda(total: int, warmup: int, kind: str):
     return f
 
 
+def load_tokenizer(ctx: StageContext):
+    """The run model's tokenizer (pad = EOS when it has none); cheap, so checks can run before the model loads."""
+    from transformers import AutoTokenizer
+
+    from thinkpress.core.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(ctx.config.model),
+                                        trust_remote_code=ctx.config.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_trainable(ctx: StageContext, cfg: SFTConfig):
     """The base model in fp32 with a fresh LoRA adapter, and its tokenizer."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from thinkpress.core.models import resolve_model_path
 
     hf_logging.disable_progress_bar()
     path = resolve_model_path(ctx.config.model)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=ctx.config.trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(ctx)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=ctx.config.trust_remote_code)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
@@ -240,10 +325,12 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
     return TrainResult(adapter_path=str(final_dir), metrics=metrics)
 
 
-def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *, out_dir: Path) -> TrainResult:
-    """LoRA SFT on ``examples`` (completion tokens only)."""
+def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
+                   component: str = "lora-sft") -> TrainResult:
+    """LoRA SFT on ``examples`` (completion tokens only); ``component`` names the trainer in config errors."""
     if not examples:
         raise TrainingError("no training examples: every sample was filtered out (see the selector's counts)")
+    check_truncation(load_tokenizer(ctx), examples, cfg, component=component, ctx=ctx)
     return train_lora(ctx, cfg, out_dir=out_dir, make_task=lambda model, tok, acc: SFTTask(examples, tok, cfg))
 
 
@@ -254,4 +341,4 @@ class LoraSFT(Trainer):
     Config = SFTConfig
 
     def train(self, data: TrainingSet, ctx: StageContext) -> TrainResult:
-        return train_lora_sft(data.examples, ctx, self.config, out_dir=ctx.workdir)
+        return train_lora_sft(data.examples, ctx, self.config, out_dir=ctx.workdir, component=self.name)

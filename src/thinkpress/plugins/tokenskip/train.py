@@ -29,7 +29,9 @@ class TokenSkipSFTConfig(SFTConfig):
     epochs: float = Field(default=3.0, gt=0.0, description="Passes over the training set")
     batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch")
     grad_accum: int = Field(default=2, ge=1, description="Micro-batches per optimizer step (effective batch 8)")
-    max_length: int = Field(default=2048, ge=8, description="Cutoff of prompt+completion tokens")
+    max_length: int = Field(default=2048, ge=8, description="Cutoff of prompt+completion(+EOS) tokens; the cut "
+                            "examples are counted (stats truncated_examples) and training refuses to start when "
+                            "more than 5% would be cut")
     scale_max_tokens: bool = Field(default=False, description="Evaluate gamma with max_new_tokens scaled by "
                                    "gamma (as the original does for MATH)")
 
@@ -102,7 +104,7 @@ class TokenSkipSFT(Trainer):
                                 f"the {len(data.examples)} examples carries a ratio tag table (meta.ratio_tags). "
                                 "Run with --plugins tokenskip (or add 'tokenskip' to stages.pruners).")
         atomic_write_json(ctx.workdir / TAGS_FILE, tags)
-        result = train_lora_sft(data.examples, ctx, self.config, out_dir=ctx.workdir)
+        result = train_lora_sft(data.examples, ctx, self.config, out_dir=ctx.workdir, component=self.name)
         drawn: dict[str, int] = {}
         for e in data.examples:
             drawn[f"{e.meta['gamma']:g}"] = drawn.get(f"{e.meta['gamma']:g}", 0) + 1

@@ -35,12 +35,22 @@ from thinkpress.core.context import StageContext
 from thinkpress.core.data import PreferencePair, TrainingSet, TrainResult
 from thinkpress.core.errors import TrainingError
 from thinkpress.core.stages import Trainer
-from thinkpress.plugins.baseline.sft import SFTConfig, collate, encode_example, train_lora
+from thinkpress.plugins.baseline.sft import (
+    SFTConfig,
+    check_truncation,
+    collate,
+    encode_example,
+    load_tokenizer,
+    train_lora,
+)
 
 
 class DPOLConfig(SFTConfig):
     lr: float = Field(default=5e-5, gt=0.0, description="Peak learning rate")
     batch_size: int = Field(default=2, ge=1, description="Pairs per micro-batch (2 sequences each)")
+    max_length: int = Field(default=512, ge=8, description="Cut prompt+chosen and prompt+rejected (+EOS) to this "
+                            "many tokens; the cut pairs are counted (stats truncated_pairs) and training refuses to "
+                            "start when more than 5% of the pairs would be cut")
     grad_accum: int = Field(default=4, ge=1, description="Micro-batches per optimizer step")
     beta: float = Field(default=0.1, gt=0.0, description="DPO inverse temperature")
     eta: float = Field(default=0.5, ge=0.0, le=1.0, description="Weight of DPO-L; 1 - eta weights SFT on chosen")
@@ -144,6 +154,7 @@ class DPOLTrainer(Trainer):
                 "problems (train_data.limit), more samples (components.self-sampler.n), or the lora-sft trainer "
                 "on the positives (--set stages.trainer=lora-sft)."
             )
+        check_truncation(load_tokenizer(ctx), data.pairs, cfg, component=self.name, ctx=ctx)
 
         def make_task(model, tok, acc):
             task = DPOTask(data.pairs, tok, cfg)
