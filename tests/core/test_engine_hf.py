@@ -42,16 +42,22 @@ def test_greedy_loop_equals_generate_token_for_token(model_fixture, request):
 
 def test_teacher_forced_scores_match_decode_logprobs(tiny_llama):
     engine = _engine(tiny_llama)
-    prompts = [engine.chat_prompt(q) for q in QUESTIONS[:2]]
-    outs = engine.generate(prompts, GenParams(max_new_tokens=12), logprobs=True, batch_size=2)
-    # score() re-tokenizes the text; compare on the token ids the decode produced
-    for p, o in zip(prompts, outs, strict=True):
-        text = engine.tokenizer.decode(o[0].token_ids)
-        if engine._encode(text) != o[0].token_ids:
-            continue
-        scored = engine.score([p], [text])[0]
-        assert scored == pytest.approx(o[0].logprobs, abs=1e-4)
-    full = engine.score(prompts, ["The answer is 8.", "56"])
+    prompts = [engine.chat_prompt(q) for q in QUESTIONS]
+    outs = engine.generate(prompts, GenParams(max_new_tokens=12), logprobs=True, batch_size=3)
+    # score() tokenizes text, and a random model's output need not survive decode + encode: give score() the
+    # decoded token ids of each output, so that every row of the (right-padded) batch is compared
+    texts = [f"<output {r}>" for r in range(len(prompts))]
+    ids = {t: o[0].token_ids for t, o in zip(texts, outs, strict=True)}
+    encode = engine._encode
+    engine._encode = lambda text: ids[text] if text in ids else encode(text)
+    try:
+        scored = engine.score(prompts, texts, batch_size=3)
+    finally:
+        engine._encode = encode
+    assert all(o[0].token_ids for o in outs)
+    for r in range(len(prompts)):
+        assert scored[r] == pytest.approx(outs[r][0].logprobs, abs=1e-4)
+    full = engine.score(prompts[:2], ["The answer is 8.", "56"])
     assert [len(x) for x in full] == [engine.count_tokens("The answer is 8."), engine.count_tokens("56")]
 
 
@@ -71,12 +77,14 @@ def test_sampling_is_seeded_per_prompt_independent_of_batching(tiny_llama):
     engine = _engine(tiny_llama)
     prompts = [engine.chat_prompt(q) for q in QUESTIONS]
     params = GenParams(max_new_tokens=10, temperature=1.0, top_p=0.9)
-    together = engine.generate(prompts, params, n=2, seeds=[11, 22, 33], batch_size=6)
-    alone = engine.generate(prompts[1:2], params, n=2, seeds=[22], batch_size=2)
-    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]
-    assert together[1][0].token_ids != together[1][1].token_ids  # the n samples differ
-    other = engine.generate(prompts[1:2], params, n=2, seeds=[23], batch_size=2)
-    assert [c.token_ids for c in other[0]] != [c.token_ids for c in alone[0]]
+    seeds = [11, 22, 33]
+    together = engine.generate(prompts, params, n=2, seeds=seeds, batch_size=6)
+    for r, (p, seed) in enumerate(zip(prompts, seeds, strict=True)):  # every prompt, not one
+        alone = engine.generate([p], params, n=2, seeds=[seed], batch_size=2)[0]
+        assert [c.token_ids for c in together[r]] == [c.token_ids for c in alone]
+        assert together[r][0].token_ids != together[r][1].token_ids  # the n samples differ
+        other = engine.generate([p], params, n=2, seeds=[seed + 1], batch_size=2)[0]
+        assert [c.token_ids for c in other] != [c.token_ids for c in alone]
 
 
 def test_stop_strings_length_limit_and_policy_hook(tiny_llama):
@@ -107,3 +115,34 @@ def test_stop_strings_length_limit_and_policy_hook(tiny_llama):
     engine.generate([prompt], GenParams(max_new_tokens=5), kv_policy=pol)
     assert pol.begun == 1 and pol.steps == [1, 2, 3, 4]
     assert pol.cache_lens == sorted(pol.cache_lens) and engine.stats.peak_kv_bytes > 0
+
+
+class _DropHalfAtBegin(KVPolicy):
+    """Test double: physically drops the older half of the prefill cache in begin, then keeps everything."""
+
+    def begin(self, cache, mask, prompt_lengths):
+        cut = mask.shape[1] // 2
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+        return mask[:, cut:]
+
+
+def test_peak_kv_counts_the_prefill_cache_before_a_policy_prunes_it(tiny_llama):
+    engine = _engine(tiny_llama)
+    prompts = [engine.chat_prompt(q) for q in QUESTIONS[:2]]
+    lens = [len(engine._encode(p)) for p in prompts]
+    assert lens[0] != lens[1]  # left padding: the prefill cache is max(lens) long
+    cfg = engine.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * head_dim * 4  # layers x K,V x batch x fp32
+    prefill = per_token * max(lens)
+    engine.stats.reset()
+    out = engine.generate(prompts, GenParams(max_new_tokens=3, ignore_eos=True), kv_policy=_DropHalfAtBegin(),
+                          batch_size=2)
+    assert [o[0].n_tokens for o in out] == [3, 3]
+    # after begin the cache is never longer than half the prompt + 3 tokens: only the prefill reaches this size
+    assert max(lens) - max(lens) // 2 + 3 < max(lens)
+    assert engine.stats.peak_kv_bytes == prefill
+    engine.stats.reset()
+    engine.generate(prompts, GenParams(max_new_tokens=3, ignore_eos=True), batch_size=2)
+    assert engine.stats.peak_kv_bytes == per_token * (max(lens) + 2)  # the full cache peaks at the last forward

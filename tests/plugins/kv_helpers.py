@@ -90,3 +90,74 @@ def reference_logits(model, prompt_ids: list[int], generated: list[int], kept, n
         model.config._attn_implementation = old
         MASKS.clear()
     return logits[L - 1 : T - 1].float()  # logits that predict generated[0..]
+
+
+# -- driving a policy by hand on a hand-built cache ----------------------------------------------------------------
+
+
+def make_cache(keys: list[torch.Tensor]):
+    """A transformers ``DynamicCache`` holding ``keys[layer]`` [B, Hkv, N, D] and, as values, the keys + 100."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for li, k in enumerate(keys):
+        cache.update(k.clone(), k + 100.0, li)
+    return cache
+
+
+def attach_queries(policy, queries: list[torch.Tensor]) -> None:
+    """Give a query-reading policy a recorder holding ``queries[layer]`` [B, Hq, W, D] (what capture would record)."""
+    from thinkpress.plugins.kvprune.capture import QueryRecorder
+
+    if policy.recorder is None:
+        policy.recorder = QueryRecorder(policy.recorder_window())
+    for li, q in enumerate(queries):
+        policy.recorder.record(li, q)
+
+
+def kept_sets(policy) -> list[list[list[list[int]]]]:
+    """``kept[layer][row][head]``: the sorted logical positions a policy holds (fillers left out)."""
+    return [[[sorted(p for p in pos[r, h].tolist() if p >= 0) for h in range(pos.shape[1])]
+             for r in range(pos.shape[0])] for pos in policy.positions]
+
+
+def check_physical(policy, cache, keys: list[torch.Tensor], mask: torch.Tensor, counts: list[int]) -> None:
+    """The cache holds, slot for slot, the original keys (and values, keys + 100) of the positions the policy says it
+    kept, and the returned mask marks exactly the real slots. ``keys[layer]`` [B, H, N, D] are the original keys,
+    left-padded (row r's position p at column N - counts[r] + p)."""
+    for li, pos in enumerate(policy.positions):
+        layer = cache.layers[li]
+        assert layer.keys.shape[2] == pos.shape[-1] == mask.shape[1]
+        n = keys[li].shape[2]
+        for r in range(pos.shape[0]):
+            assert ((pos[r] >= 0) == mask[r].bool()[None, :]).all()
+            for h in range(pos.shape[1]):
+                for slot, p in enumerate(pos[r, h].tolist()):
+                    if p >= 0:
+                        orig = keys[li][r, h, n - counts[r] + p]
+                        assert torch.equal(layer.keys[r, h, slot], orig)
+                        assert torch.equal(layer.values[r, h, slot], orig + 100.0)
+
+
+def prune_prefill(policy, keys: list[torch.Tensor], queries: list[torch.Tensor] | None = None,
+                  counts: list[int] | None = None):
+    """Run ``policy.begin`` on a prefill cache of ``keys[layer]`` [B, Hkv, N, D], left-padded to ``counts`` real
+    entries per row (default: none padded), with ``queries[layer]`` [B, Hq, W, D] recorded for scorers that read
+    them. Checks the physical eviction, then returns ``kept_sets(policy)``."""
+    b, _, n, _ = keys[0].shape
+    counts = counts or [n] * b
+    mask = torch.zeros(b, n, dtype=torch.long)
+    for r, c in enumerate(counts):
+        mask[r, n - c:] = 1
+    cache = make_cache(keys)
+    if queries is not None:
+        attach_queries(policy, queries)
+    new_mask = policy.begin(cache, mask, counts)
+    check_physical(policy, cache, keys, new_mask, counts)
+    return kept_sets(policy)
+
+
+def flip_score(policy) -> None:
+    """Wrap ``policy.score_row`` to return its negation (what a sign bug in the scorer would do)."""
+    score = policy.score_row
+    policy.score_row = lambda *args, **kw: -score(*args, **kw)

@@ -1,13 +1,24 @@
-"""KV pruning: physical eviction, exactness against a masked full forward, batches, bad input, the run."""
+"""KV pruning: which entries each policy keeps, physical eviction, exactness against a masked full forward, peak KV,
+batches, bad input, the run."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from conftest import cli_env, run_cli
-from kv_helpers import record_kept, reference_logits
+from kv_helpers import (
+    attach_queries,
+    check_physical,
+    flip_score,
+    kept_sets,
+    make_cache,
+    prune_prefill,
+    record_kept,
+    reference_logits,
+)
 
 from thinkpress.core.config import build_config
 from thinkpress.core.engines.base import GenParams, KVPolicy
@@ -210,3 +221,350 @@ def test_kv_run_end_to_end(tmp_path):
     assert small["gained"] - small["lost"] == round(6 * (small["accuracy"] - rows["base"]["accuracy"]))
     md = (out / "report.md").read_text()
     assert "base+rkv@budget=4096" in md.split("No entry was evicted in")[1] and (out / "kv_rkv.png").exists()
+
+
+# -- which entries each policy keeps, on hand-built caches -------------------------------------------------------
+#
+# Each case is built so that the right kept set is known by construction (and, for the attention scorers, also by a
+# brute-force reading of the method in plain Python loops). ``flip`` negates the policy's score: every case must then
+# keep a different set, so these tests catch a sign error in any scorer.
+
+FLIP = pytest.mark.parametrize("flip", [False, True], ids=["policy", "sign_flipped"])
+
+
+def _expect(kept, expected, flip):
+    if flip:
+        assert kept != expected, "a sign-flipped score kept the same entries: the case cannot tell the sign"
+    else:
+        assert kept == expected
+
+
+def _unit(d, i, scale=1.0):
+    v = torch.zeros(d)
+    v[i] = scale
+    return v
+
+
+def _dot(a, b):
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def _bf_window_mass(q, k, row, head):
+    """Mean softmax attention each key of KV head ``head`` gets from the window queries of its query-head group:
+    q [B, Hq, W, D], k [B, Hkv, N, D]; query w sits at position N - W + w and sees keys 0..itself."""
+    hq, w = q.shape[1], q.shape[2]
+    hkv, n, d = k.shape[1], k.shape[2], k.shape[3]
+    g = hq // hkv
+    keys = k[row, head].tolist()
+    out = [0.0] * n
+    for qh in range(head * g, (head + 1) * g):
+        for wi in range(w):
+            qv = q[row, qh, wi].tolist()
+            at = n - w + wi
+            for j, a in enumerate(_softmax([_dot(qv, keys[j]) / math.sqrt(d) for j in range(at + 1)])):
+                out[j] += a / (g * w)
+    return out
+
+
+def _bf_pool(xs, kernel, mode):
+    half = kernel // 2
+    win = [xs[max(0, j - half): j + half + 1] for j in range(len(xs))]
+    return [max(v) for v in win] if mode == "max" else [sum(v) / len(v) for v in win]
+
+
+def _top(scores, candidates, k):
+    """The k candidate positions with the highest scores (the case must have no tie at the cut)."""
+    ranked = sorted(candidates, key=lambda j: -scores[j])
+    assert scores[ranked[k - 1]] > scores[ranked[k]] + 1e-6, "tie at the cut: the case is ambiguous"
+    return sorted(ranked[:k])
+
+
+@FLIP
+def test_streaming_keeps_the_sinks_and_the_most_recent_entries(reg, flip):
+    pol = policy(reg, "streaming", {"budgets": [6], "sinks": 2, "window": 1, "buffer": 0})
+    if flip:
+        flip_score(pol)
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 2, 12, 4, generator=g)
+    kept = prune_prefill(pol, [keys], counts=[12, 9])  # row 1: 3 padding slots
+    # 2 sinks + the budget - sinks = 4 most recent, per row (row 1 holds positions 0..8)
+    _expect(kept, [[[[0, 1, 8, 9, 10, 11]] * 2, [[0, 1, 5, 6, 7, 8]] * 2]], flip)
+
+
+LOW_NORM = {(0, 0): [3, 5, 7], (0, 1): [1, 2, 9], (1, 0): [4, 6, 8], (1, 1): [2, 3, 4]}  # (layer, head): positions
+
+
+@FLIP
+def test_knorm_keeps_the_low_norm_keys_per_layer_and_head(reg, flip):
+    pol = policy(reg, "knorm", {"budgets": [6], "sinks": 1, "window": 2, "buffer": 0})
+    if flip:
+        flip_score(pol)
+    g = torch.Generator().manual_seed(1)
+    keys = []
+    for li in range(2):
+        k = torch.nn.functional.normalize(torch.randn(1, 2, 12, 8, generator=g), dim=-1)
+        norms = torch.full((2, 12), 5.0) + 0.1 * torch.arange(12)  # the sinks and the window: large norms
+        for h in range(2):
+            norms[h, LOW_NORM[li, h]] = torch.tensor([0.5, 0.6, 0.7])
+        keys.append(k * norms[None, :, :, None])
+    kept = prune_prefill(pol, keys)
+    # sink 0, window 10-11, and the 3 lowest-norm keys of 1..9 (budget 6), chosen per layer and KV head
+    _expect(kept, [[[sorted([0, 10, 11] + LOW_NORM[li, h]) for h in range(2)]] for li in range(2)], flip)
+
+
+DISTINCT = {(0, 0): [2, 5, 8], (0, 1): [1, 4, 9], (1, 0): [1, 3, 5], (1, 1): [2, 3, 4]}  # (row, head): positions
+
+
+@FLIP
+def test_keydiff_keeps_the_keys_unlike_the_mean_key_of_the_real_entries(reg, flip):
+    pol = policy(reg, "keydiff", {"budgets": [6], "sinks": 1, "window": 2, "buffer": 0})
+    if flip:
+        flip_score(pol)
+    g = torch.Generator().manual_seed(2)
+    keys = torch.zeros(2, 2, 12, 8)
+    counts = [12, 8]
+    for r, c in enumerate(counts):
+        for h in range(2):
+            for p in range(c):  # most keys point along e0 (slightly perturbed); 3 point along e1, e2, e3
+                col = 12 - c + p
+                keys[r, h, col] = _unit(8, 0) + 0.01 * torch.randn(8, generator=g)
+            for i, p in enumerate(DISTINCT[r, h]):
+                keys[r, h, 12 - c + p] = _unit(8, 1 + i)
+    keys[1, :, :4] = _unit(8, 0, -10.0)  # row 1's padding: in the mean, it would flip it and keep the e0 keys
+    kept = prune_prefill(pol, [keys], counts=counts)
+    expected = [[sorted([0, c - 2, c - 1] + DISTINCT[r, h]) for h in range(2)] for r, c in enumerate(counts)]
+    # the same by brute force: -cos(k, mean of the row's real keys), top 3 of the unprotected positions
+    for r, c in enumerate(counts):
+        for h in range(2):
+            ks = [keys[r, h, 12 - c + p].tolist() for p in range(c)]
+            mean = [sum(col) / c for col in zip(*ks, strict=True)]
+            score = [-_dot(k, mean) / math.sqrt(_dot(k, k) * _dot(mean, mean)) for k in ks]
+            assert sorted([0, c - 2, c - 1] + _top(score, range(1, c - 2), 3)) == expected[r][h]
+    _expect(kept, [expected], flip)
+
+
+@FLIP
+def test_snapkv_keeps_the_most_attended_key_and_its_pooled_neighbours(reg, flip):
+    pol = policy(reg, "snapkv", {"budgets": [6], "sinks": 1, "window": 2, "obs_window": 2, "buffer": 0,
+                                 "kernel": 3, "pooling": "avg"})
+    if flip:
+        flip_score(pol)
+    g = torch.Generator().manual_seed(3)
+    hot = [5, 9]  # per KV head: the key every window query of the head's group attends to
+    keys = 0.1 * torch.randn(1, 2, 14, 8, generator=g)
+    for h, p in enumerate(hot):
+        keys[0, h, p] = _unit(8, 0, 4.0)
+    queries = _unit(8, 0, 4.0) + 0.1 * torch.randn(1, 4, 2, 8, generator=g)  # 4 query heads (GQA, groups of 2)
+    kept = prune_prefill(pol, [keys], [queries])
+    # pooling (kernel 3) spreads the hot key's score to its two neighbours: sink 0, window 12-13, hot +- 1
+    expected = [[sorted([0, 12, 13, p - 1, p, p + 1]) for p in hot]]
+    for h in range(2):  # the same by brute force
+        score = _bf_pool(_bf_window_mass(queries, keys, 0, h), 3, "avg")
+        assert sorted([0, 12, 13] + _top(score, range(1, 12), 3)) == expected[0][h]
+    _expect(kept, [expected], flip)
+
+
+COPIES = {0: [2, 5, 8], 1: [1, 3, 9]}  # per KV head: positions holding the same key
+
+
+@FLIP
+def test_rkv_drops_the_older_copies_of_a_repeated_key(reg, flip):
+    # Zero queries: every candidate gets the same importance, so redundancy decides. Head h holds one key at the
+    # three COPIES[h] positions and distinct orthogonal keys elsewhere. With the exemption (each key's most recent
+    # similar copy, cos > 0.5, is not counted) the oldest copy is redundant twice, the middle one once and the most
+    # recent one not at all: a budget that drops two candidates drops the two older copies.
+    pol = policy(reg, "rkv", {"budgets": [10], "sinks": 1, "window": 2, "obs_window": 2, "buffer": 0})
+    if flip:
+        flip_score(pol)
+    g = torch.Generator().manual_seed(4)
+    keys = torch.zeros(1, 2, 12, 8)
+    for h in range(2):
+        others = iter(range(1, 8))
+        for p in range(10):
+            keys[0, h, p] = _unit(8, 0, 3.0) if p in COPIES[h] else _unit(8, next(others), 1.0 + p / 10)
+        keys[0, h, 10:] = torch.randn(2, 8, generator=g)
+    queries = torch.zeros(1, 4, 2, 8)
+    kept = prune_prefill(pol, [keys], [queries])
+    expected = [[[p for p in range(12) if p not in COPIES[h][:2]] for h in range(2)]]
+    _expect(kept, [expected], flip)
+
+
+def _bf_redundancy(keys, row, head, threshold):
+    """R-KV's redundancy of one head before the softmax, by its definition: S = cosine similarity, diagonal 0; with
+    a threshold, each row i zeroes S[i, j*] for its most recent (largest j != i) key with cos > threshold; then
+    R_j = sum_i S[i, j] / N. Also returns how many rows exempted a key."""
+    ks = keys[row, head].tolist()
+    n = len(ks)
+    unit = [[x / math.sqrt(_dot(k, k)) for x in k] for k in ks]
+    s = [[_dot(unit[i], unit[j]) if i != j else 0.0 for j in range(n)] for i in range(n)]
+    exempted = 0
+    if threshold is not None:
+        for i in range(n):
+            similar = [j for j in range(n) if j != i and s[i][j] > threshold]
+            if similar:
+                s[i][max(similar)] = 0.0
+                exempted += 1
+    return [sum(s[i][j] for i in range(n)) / n for j in range(n)], exempted
+
+
+def test_rkv_redundancy_and_score_equal_a_brute_force_reading_of_the_method(reg):
+    from thinkpress.kernels import key_redundancy
+
+    g = torch.Generator().manual_seed(5)
+    b, h, n, d = 2, 3, 20, 6
+    keys = torch.randn(b, h, n, d, generator=g)
+    keys[:, :, 12] = keys[:, :, 3] + 0.05 * torch.randn(b, h, d, generator=g)  # near-copies, some rescaled
+    keys[:, :, 17] = 2.5 * keys[:, :, 12]
+    keys[:, 1, 9] = -keys[:, 1, 4]
+    for thr in (0.5, None):
+        got = key_redundancy(keys, exemption_threshold=thr)
+        total = 0
+        for r in range(b):
+            for hh in range(h):
+                want, ex = _bf_redundancy(keys, r, hh, thr)
+                total += ex
+                torch.testing.assert_close(got[r, hh], torch.tensor(want), atol=1e-5, rtol=1e-5)
+        assert (total > 0) == (thr is not None)  # the exemption was exercised
+
+    # the whole score of a row: lam * A - (1 - lam) * softmax(R) over the candidates (all but the window)
+    cfg = {"budgets": [16], "sinks": 1, "window": 4, "obs_window": 4, "kernel": 7, "lam": 0.3, "threshold": 0.5}
+    pol = policy(reg, "rkv", cfg)
+    queries = 2.0 * torch.randn(b, 2 * h, 4, d, generator=g)
+    cand = n - 4
+    for r in range(b):
+        got = pol.score_row(0, keys[r:r + 1], keys[r:r + 1], queries[r:r + 1], torch.arange(n)[None, None], r)
+        for hh in range(h):
+            imp = _bf_pool(_bf_window_mass(queries, keys, r, hh), 7, "max")
+            red = _softmax(_bf_redundancy(keys[:, :, :cand], r, hh, 0.5)[0])
+            want = [0.3 * imp[j] - (0.7 * red[j] if j < cand else 0.0) for j in range(n)]
+            torch.testing.assert_close(got[0, hh], torch.tensor(want), atol=1e-5, rtol=1e-5)
+
+
+HEAVY = {0: [1, 3, 5], 1: [2, 4, 6]}  # per KV head: keys every prompt query attends to
+
+
+@FLIP
+def test_h2o_keeps_the_keys_with_the_most_accumulated_attention(reg, flip):
+    pol = policy(reg, "h2o", {"budgets": [6]})  # recent_ratio 0.5: 3 recent + 3 heavy hitters
+    if flip:
+        flip_score(pol)
+    g = torch.Generator().manual_seed(6)
+    keys = torch.randn(1, 2, 12, 8, generator=g)
+    keys[..., 0] = 0.0  # logit 0 against the queries below ...
+    for h, ps in HEAVY.items():
+        keys[0, h, ps] = _unit(8, 0, 8.0)  # ... and logit 8 for the heavy hitters
+    queries = _unit(8, 0, math.sqrt(8)).expand(1, 4, 12, 8).clone()  # every prompt query (H2O reads them all)
+    kept = prune_prefill(pol, [keys], [queries])
+    expected = [[sorted(HEAVY[h] + [9, 10, 11]) for h in range(2)]]
+    for h in range(2):  # by brute force: attention summed over every (causal) prompt query
+        acc = [0.0] * 12
+        for i in range(12):
+            qv = queries[0, 2 * h, i].tolist()
+            for j, a in enumerate(_softmax([_dot(qv, keys[0, h, j].tolist()) / math.sqrt(8) for j in range(i + 1)])):
+                acc[j] += a
+        assert sorted(_top(acc, range(9), 3) + [9, 10, 11]) == expected[0][h]
+    _expect(kept, [expected], flip)
+
+
+def _bf_h2o(keys, queries, prompt, budget, recent):
+    """H2O by its definition, one KV head (one query head): accumulate every query's attention over the kept keys,
+    keep the ``recent`` most recent and the top ``budget - recent`` by accumulated attention. Kept sets per step."""
+    d = len(keys[0])
+    acc, kept, out = {}, [], []
+    for t in range(len(keys)):
+        kept.append(t)
+        acc[t] = 0.0
+        logits = [_dot(queries[t], keys[j]) / math.sqrt(d) for j in kept]
+        for j, a in zip(kept, _softmax(logits), strict=True):
+            acc[j] += a
+        if t + 1 < prompt:
+            continue
+        if len(kept) > budget:
+            rec = [j for j in kept if j >= t + 1 - recent]
+            heavy = sorted((j for j in kept if j < t + 1 - recent), key=lambda j: -acc[j])[: budget - len(rec)]
+            kept = sorted(heavy + rec)
+        out.append(list(kept))
+    return out
+
+
+@FLIP
+def test_h2o_accumulates_attention_across_decode_steps_like_a_brute_force_simulation(reg, flip):
+    pol = policy(reg, "h2o", {"budgets": [6]})
+    if flip:
+        flip_score(pol)
+    g = torch.Generator().manual_seed(7)
+    prompt, steps, h = 10, 8, 2
+    keys = 1.5 * torch.randn(1, h, prompt + steps, 8, generator=g)
+    queries = 1.5 * torch.randn(1, h, prompt + steps, 8, generator=g)  # one query head per KV head
+    cache = make_cache([keys[:, :, :prompt]])
+    attach_queries(pol, [queries[:, :, :prompt]])
+    mask = pol.begin(cache, torch.ones(1, prompt, dtype=torch.long), [prompt])
+    got = [kept_sets(pol)[0][0]]
+    for t in range(prompt, prompt + steps):
+        cache.update(keys[:, :, t:t + 1], keys[:, :, t:t + 1] + 100.0, 0)
+        attach_queries(pol, [queries[:, :, t:t + 1]])
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        mask = pol.after_step(cache, mask, t - prompt + 1)
+        got.append(kept_sets(pol)[0][0])
+        check_physical(pol, cache, [keys[:, :, : t + 1]], mask, [t + 1])
+    sims = [_bf_h2o(keys[0, hh].tolist(), queries[0, hh].tolist(), prompt, 6, 3) for hh in range(h)]
+    expected = [[sims[hh][s] for hh in range(h)] for s in range(steps + 1)]
+    assert all(len(k) == 6 for step in expected for k in step)
+    _expect(got, expected, flip)
+
+
+@FLIP
+def test_rpc_compresses_each_period_by_the_head_averaged_window_attention(reg, flip):
+    # prompt 3 (protected), period 8, ratio 2: after 8 generated tokens keep prompt + 8/2 + obs_window = 9 entries.
+    # Candidates are positions 3..8 (9 and 10 are the window). One set per layer: scores averaged over heads.
+    pol = policy(reg, "rpc", {"period": 8, "ratios": [2], "obs_window": 2, "window": 2, "sinks": 0, "kernel": 1})
+    if flip:
+        flip_score(pol)
+    logit = {0: {3: -9.0, 4: 2.0, 5: 2.0, 6: 0.0, 7: 2.0, 8: 2.0},  # head 0 alone would drop 3 and 6
+             1: {3: 2.5, 4: 2.0, 5: 2.0, 6: 0.5, 7: -9.0, 8: 2.0}}  # head 1 alone 7 and 6; averaged: 6 and 7
+    g = torch.Generator().manual_seed(8)
+    n, prompt = 11, 3
+    keys = torch.zeros(1, 2, n, 8)
+    keys[..., 1:] = torch.randn(1, 2, n, 7, generator=g)  # e0 carries the logit (query = sqrt(8) e0)
+    for h in range(2):
+        for p, s in logit[h].items():
+            keys[0, h, p, 0] = s
+    queries = _unit(8, 0, math.sqrt(8)).expand(1, 4, n, 8).clone()
+    cache = make_cache([keys[:, :, :prompt]])
+    attach_queries(pol, [queries[:, :, :prompt]])
+    mask = pol.begin(cache, torch.ones(1, prompt, dtype=torch.long), [prompt])
+    for t in range(prompt, n):
+        cache.update(keys[:, :, t:t + 1], keys[:, :, t:t + 1] + 100.0, 0)
+        attach_queries(pol, [queries[:, :, t:t + 1]])
+        mask = pol.after_step(cache, torch.cat([mask, mask.new_ones(1, 1)], dim=1), t - prompt + 1)
+        if t < n - 1:
+            assert cache.layers[0].keys.shape[2] == t + 1  # nothing before the period ends
+    check_physical(pol, cache, [keys], mask, [n])
+    expected = [[[0, 1, 2, 3, 4, 5, 8, 9, 10]] * 2]
+    mass = [_bf_window_mass(queries[:, :, -2:], keys, 0, h) for h in range(2)]  # brute force: the head average
+    avg = [(mass[0][j] + mass[1][j]) / 2 for j in range(n)]
+    assert sorted([0, 1, 2, 9, 10] + _top(avg, range(3, 9), 4)) == expected[0][0]
+    assert sorted([0, 1, 2, 9, 10] + _top(mass[0], range(3, 9), 4)) != expected[0][0]  # per head would differ
+    _expect(kept_sets(pol), [expected], flip)
+
+
+def test_peak_kv_includes_the_prefill_cache_a_policy_prunes_at_begin(tiny_llama, reg):
+    engine = HFEngine.from_pretrained(tiny_llama, dtype="float32", device="cpu")
+    prompts = [engine.chat_prompt(q) for q in QUESTIONS[:2]]
+    longest = max(len(engine._encode(p)) for p in prompts)
+    assert longest > 2 * 8  # streaming at budget 8 evicts most of the prompt in begin
+    cfg = engine.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    prefill = cfg.num_hidden_layers * 2 * 2 * cfg.num_key_value_heads * longest * head_dim * 4  # batch 2, fp32
+    engine.stats.reset()
+    pol = policy(reg, "streaming", {"budgets": [8], "window": 1})
+    engine.generate(prompts, GenParams(max_new_tokens=6, ignore_eos=True), batch_size=2, kv_policy=pol)
+    assert engine.stats.kv_evicted > 0
+    assert engine.stats.peak_kv_bytes == prefill  # not the 8-entry cache the policy leaves
