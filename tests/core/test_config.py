@@ -11,8 +11,8 @@ def test_presets_resolve_and_precedence(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("preset: smoke\nseed: 5\ntest_data: {limit: 3}\n")
     cfg = build_config(config_file=f, overrides={"model": "smollm2-135m"}, sets=["seed=7", "eval.generation.top_p=0.5"])
-    assert cfg.preset == "smoke" and cfg.seed == 7 and cfg.test_data.limit == 3
-    assert cfg.test_data.difficulty == PRESETS["smoke"]["test_data"]["difficulty"]  # preset value kept
+    assert cfg.preset == "smoke" and cfg.seed == 7 and cfg.test_data[0].limit == 3
+    assert cfg.test_data[0].difficulty == PRESETS["smoke"]["test_data"][0]["difficulty"]  # preset value kept
     assert cfg.eval.generation.top_p == 0.5
     assert build_config().model == "qwen2.5-coder-0.5b"  # default preset = the embedded default
 
@@ -74,8 +74,24 @@ def test_skip_invalid_rows_are_counted_before_work(tmp_path):
     with pytest.raises(DataError, match=r"(train|test)\.jsonl:2: malformed JSONL row"):
         Runner(build_config(sets=base))
     runner = Runner(build_config(sets=[*base, "train_data.skip_invalid=true", "test_data.skip_invalid=true"]))
-    assert runner.skipped_rows == {"train_data": 1, "test_data": 1} and len(runner.test_problems) == 2
+    assert runner.skipped_rows == {"train_data": 1, "test_data": 1} and len(runner.test_sets[0].problems) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_test_data_is_a_list_of_sets_and_set_reaches_every_set_or_picks_one():
+    cfg = build_config()  # the default preset: real problems next to generated ones
+    assert [(d.name, d.limit, d.shuffle) for d in cfg.test_data] == [("gsm8k", 300, True), ("arith", 48, False)]
+    assert [d.limit for d in build_config(sets=["test_data.limit=10"]).test_data] == [10, 10]
+    assert [d.limit for d in build_config(sets=["test_data.1.limit=7"]).test_data] == [300, 7]
+    one = build_config(sets=["test_data.name=math500"]).test_data  # naming a dataset picks one set
+    assert [(d.name, d.limit) for d in one] == [("math500", 300)]
+    assert len(build_config(overrides={"test_data": {"name": "arith"}}).test_data) == 1  # like --data
+    with pytest.raises(ConfigError, match="test_data.*give them distinct `label`s"):
+        build_config(sets=["test_data=[{name: arith}, {name: arith, limit: 3}]"])
+    two = build_config(sets=["test_data=[{name: arith}, {name: arith, limit: 3, label: arith-3}]"]).test_data
+    assert [d.display_name() for d in two] == ["arith", "arith-3"]
+    with pytest.raises(ConfigError, match="test_data.0.limit"):
+        build_config(sets=["test_data.0.limit=0"])
 
 
 def test_config_hash_ignores_output_location():

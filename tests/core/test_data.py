@@ -22,10 +22,27 @@ def test_arith_is_seeded_exact_and_split():
             assert int(p.answer) == nums[0] + nums[1]
 
 
-def test_gsm8k_and_math500_from_shared_data():
-    g = load_gsm8k("test", path=SHARED_DATA / "gsm8k", limit=5)
+def test_gsm8k_is_bundled_offline_and_sha256_checked(tmp_path, monkeypatch):
+    from thinkpress.core import datasets
+
+    g = load_gsm8k("test", limit=5)
     assert len(g) == 5 and g[0].answer == "18" and "####" in g[0].solution
-    assert len(load_gsm8k("train", path=SHARED_DATA / "gsm8k")) == 7473
+    assert len(load_gsm8k("train")) == 7473 and len(load_gsm8k("test")) == 1319
+    # a seeded subset: the same seed gives the same problems, another seed others
+    a, b = load_gsm8k("test", limit=50, shuffle=True, seed=0), load_gsm8k("test", limit=50, shuffle=True, seed=0)
+    assert a == b and a != load_gsm8k("test", limit=50, shuffle=True, seed=1)
+    # a changed file is refused
+    bad = tmp_path / "gsm8k"
+    bad.mkdir()
+    (bad / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    monkeypatch.setattr(datasets, "BUNDLED_DIR", tmp_path)
+    with pytest.raises(DataError, match="sha256"):
+        load_gsm8k("test")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "math500").is_dir(), reason=f"no shared data folder at {SHARED_DATA}")
+def test_gsm8k_and_math500_from_a_path():
+    assert load_gsm8k("test", path=SHARED_DATA / "gsm8k") == load_gsm8k("test")
     m = load_math500("test", path=SHARED_DATA / "math500")
     assert len(m) == 500 and m[0].difficulty == 2 and is_equivalent("(3, \\frac{\\pi}{2})", m[0].answer)
 

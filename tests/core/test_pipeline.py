@@ -91,3 +91,42 @@ def test_killed_run_resumes_with_same_numbers_and_no_lost_or_duplicated_samples(
     assert res.returncode == 0, res.stderr
     rc = json.loads((tmp_path / "again" / "report.json").read_text())
     assert all(s["cached"] for s in rc["stages"].values())
+
+
+TIMING_KEYS = {"latency_s", "decode_tokens_per_s", "wall_s", "s_per_step", "peak_rss_mb_process"}
+
+
+def _numbers(report: dict) -> dict:
+    """Everything a report says about results, without wall-clock timings."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in TIMING_KEYS}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip({k: report[k] for k in ("config_hash", "variants", "test_sets", "summary", "stages")})
+
+
+@pytest.mark.slow
+def test_same_config_twice_gives_identical_numbers(tmp_path, smollm_path, example_plugin_site):
+    """Two runs of one smoke config, each with its own cache (nothing shared): identical report numbers,
+    samples and adapter weights. The thread count is fixed and recorded in the manifest."""
+    from safetensors.torch import load_file
+
+    reports, adapters = [], []
+    for name in ("a", "b"):
+        args = _args(smollm_path, tmp_path / name, tmp_path / f"cache-{name}", "--set", "threads=2")
+        res = subprocess.run(_cmd(args), env=cli_env(example_plugin_site), capture_output=True, text=True,
+                             timeout=900)
+        assert res.returncode == 0, res.stderr
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["torch_threads"] == 2 and manifest["nondeterminism"] == []
+        adapters.append(load_file(next((tmp_path / f"cache-{name}").glob("*/adapter/adapter_model.safetensors"))))
+    assert _numbers(reports[0]) == _numbers(reports[1])
+    assert reports[0]["variants"][1]["name"] == "trained" and reports[0]["stages"]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all((adapters[0][k] == adapters[1][k]).all() for k in adapters[0])
+    a, b = (sorted((tmp_path / n / "stages").glob("1-sampler-*/samples.jsonl"))[0].read_text() for n in "ab")
+    assert a == b

@@ -1,6 +1,6 @@
 """Command-line interface, installed as both ``thinkpress`` and ``core``.
 
-Stable commands (scripts depend on them): ``run``, ``plugins [--json]``, ``config schema``,
+Stable commands (scripts depend on them): ``run``, ``eval``, ``plugins [--json]``, ``config schema``,
 ``models``. Plugins add commands through the ``register_commands`` hook.
 """
 
@@ -47,47 +47,116 @@ def _data_overrides(data: str | None, reg) -> dict:
     return {"train_data": {"name": name, "path": str(p)}, "test_data": {"name": name, "path": str(p)}}
 
 
-@cli.command()
-@click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names (e.g. tokenskip,rkv)")
-@click.option("--preset", type=click.Choice(["smoke", "default"]), default=None, help="Preset (default: default)")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config file")
-@click.option("--model", default=None, help="Embedded model name, local directory or Hub id")
-@click.option("--data", default=None, help="Dataset name (arith, gsm8k, math500) or a JSONL file/directory")
-@click.option("--set", "sets", multiple=True, metavar="KEY.PATH=VALUE", help="Override any config key (repeatable)")
-@click.option("--out", default=None, help="Run directory (default: runs/<plugins>-<hash>)")
-@click.option("--overwrite", is_flag=True, help="Replace a run directory that holds a different config")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages; the summary table only")
-def run(plugins, preset, config_file, model, data, sets, out, overwrite, quiet):
-    """Run the pipeline and the evaluation; write DIR/report.json and DIR/report.md."""
+def _common_options(f):
+    """Options shared by ``run`` and ``eval``."""
+    opts = [
+        click.option("--preset", type=click.Choice(["smoke", "default"]), default=None,
+                     help="Preset (default: default)"),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                     help="YAML config file"),
+        click.option("--model", default=None, help="Embedded model name, local directory or Hub id"),
+        click.option("--set", "sets", multiple=True, metavar="KEY.PATH=VALUE", help="Override any config key "
+                     "(repeatable)"),
+        click.option("--out", default=None, help="Run directory (default: runs/<plugins>-<hash>)"),
+        click.option("--overwrite", is_flag=True, help="Replace a run directory that holds a different config"),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages; the summary tables only"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _execute(overrides: dict, preset, config_file, sets, overwrite, quiet) -> None:
     from thinkpress.core.config import build_config
     from thinkpress.core.context import UI
     from thinkpress.core.pipeline import Runner
-    from thinkpress.core.plugins import get_registry
 
     try:
-        reg = get_registry()
-        overrides = {"model": model, "out": out, **_data_overrides(data, reg)}
-        if plugins:
-            overrides["plugins"] = [p.strip() for p in plugins.split(",") if p.strip()]
         cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets))
-        runner = Runner(cfg, registry=reg, ui=UI(quiet=quiet), overwrite=overwrite)
+        runner = Runner(cfg, ui=UI(quiet=quiet), overwrite=overwrite)
         report = runner.run()
     except ThinkpressError as e:
         _fail(e)
-    table = Table(title=f"thinkpress {', '.join(cfg.plugins)} on {cfg.model} ({report['dataset']['name']}, "
-                        f"n={report['dataset']['n']})")
-    name_width = max((len(v["name"]) for v in report["variants"]), default=7)
-    table.add_column("variant", justify="left", min_width=name_width, no_wrap=True)
-    for col in ("accuracy", "mean tokens", "correct-only", "truncated", "saved", "tok/s"):
-        table.add_column(col, justify="right")
-    for v in report["variants"]:
-        table.add_row(v["name"], f"{100 * v['accuracy']:.1f}%", f"{v['mean_tokens']:.1f}",
-                      "-" if v["mean_tokens_correct"] is None else f"{v['mean_tokens_correct']:.1f}",
-                      f"{100 * v['truncation_rate']:.1f}%",
-                      "-" if v.get("tokens_saved") is None else f"{100 * v['tokens_saved']:.1f}%",
-                      f"{v['decode_tokens_per_s']:.1f}")
-    Console().print(table)
+    _print_report(report, cfg)
     click.echo(f"report: {runner.store.dir / 'report.md'}")
+
+
+def _ci(ci, scale: float = 100.0, signed: bool = False) -> str:
+    if not ci:
+        return ""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f" [{f.format(scale * ci[0])}, {f.format(scale * ci[1])}]"
+
+
+def _print_report(report: dict, cfg) -> None:
+    console = Console(width=max(140, Console().width))
+    for ts in report.get("test_sets", []):
+        rows = ts["variants"]
+        table = Table(title=f"thinkpress {', '.join(cfg.plugins)} on {cfg.model}: {ts['name']} "
+                            f"({ts['dataset']['split']}, n={ts['dataset']['n']}); brackets: 95% CI")
+        table.add_column("variant", justify="left", min_width=max((len(v["name"]) for v in rows), default=7),
+                         no_wrap=True)
+        for col in ("accuracy %", "vs ref, pt", "lost/gained (p)", "mean tokens", "saved vs base %", "truncated",
+                    "tok/s"):
+            table.add_column(col, justify="right")
+        for v in rows:
+            d = v.get("accuracy_delta")
+            table.add_row(
+                v["name"], f"{100 * v['accuracy']:.1f}{_ci(v.get('accuracy_ci'))}",
+                "-" if d is None else f"{100 * d:+.1f}{_ci(v.get('accuracy_delta_ci'), signed=True)}",
+                "-" if v.get("flips_vs") is None else f"{v['lost']}/{v['gained']} ({v['flip_p']:.2g})",
+                f"{v['mean_tokens']:.1f}{_ci(v.get('mean_tokens_ci'), scale=1.0)}",
+                "-" if v.get("tokens_saved") is None else
+                f"{100 * v['tokens_saved']:.1f}{_ci(v.get('tokens_saved_ci'), signed=True)}",
+                f"{100 * v['truncation_rate']:.1f}%", f"{v['decode_tokens_per_s']:.1f}")
+        console.print(table)
+    for line in report.get("summary", []):
+        click.echo(f"- {line}")
+    if report.get("nondeterminism"):
+        click.echo("not reproducible bit for bit: " + "; ".join(report["nondeterminism"]))
+
+
+@cli.command()
+@click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names (e.g. tokenskip,rkv)")
+@click.option("--data", default=None, help="Dataset name (arith, gsm8k, math500) or a JSONL file/directory")
+@_common_options
+def run(plugins, data, preset, config_file, model, sets, out, overwrite, quiet):
+    """Run the pipeline and the evaluation; write DIR/report.json and DIR/report.md."""
+    from thinkpress.core.plugins import get_registry
+
+    try:
+        overrides = {"model": model, "out": out, **_data_overrides(data, get_registry())}
+    except ThinkpressError as e:
+        _fail(e)
+    if plugins:
+        overrides["plugins"] = [p.strip() for p in plugins.split(",") if p.strip()]
+    _execute(overrides, preset, config_file, sets, overwrite, quiet)
+
+
+@cli.command("eval")
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="A saved LoRA adapter directory, evaluated unmerged as variant 'adapter' next to 'base'")
+@click.option("--plugins", "plugins", default=None, help="KV-policy plugins to evaluate with (e.g. rkv,snapkv)")
+@click.option("--data", multiple=True, help="Test set: dataset name or JSONL file/directory (repeatable; default: "
+              "the preset's test sets)")
+@_common_options
+def eval_cmd(adapter, plugins, data, preset, config_file, model, sets, out, overwrite, quiet):
+    """Evaluate a model as it is (and/or with a saved adapter, and/or KV policies) on test sets, no training.
+
+    The same report, intervals and evaluation cache as ``run``.
+    """
+    from thinkpress.core.plugins import get_registry
+
+    overrides: dict = {"model": model, "out": out, "train": False, "plugins": [], "eval": {"adapter": adapter}}
+    try:
+        tests = [{"split": "test", **_data_overrides(d, get_registry())["test_data"]} for d in data]
+    except ThinkpressError as e:
+        _fail(e)
+    if tests:
+        overrides["test_data"] = tests[0] if len(tests) == 1 else tests
+    if plugins:
+        overrides["plugins"] = [p.strip() for p in plugins.split(",") if p.strip()]
+    _execute(overrides, preset, config_file, sets, overwrite, quiet)
 
 
 @cli.command("plugins")

@@ -2,12 +2,15 @@
 
 Every loader has the signature ``loader(split, path=None, limit=None, seed=0, shuffle=False,
 skip_invalid=False) -> list[Problem]``. File loaders read ``path`` (a JSONL file, or a directory
-holding ``<split>.jsonl``); with no path they read the Hub dataset (only when online, through the
+holding ``<split>.jsonl``). With no path, GSM8K reads the copy shipped as package data
+(``thinkpress/data/gsm8k``, MIT, sha256-checked at every load), so the default runs evaluate on
+real, human-written problems offline; other datasets read the Hub (only when online, through the
 ``datasets`` package). A malformed row is an error naming file and line unless ``skip_invalid``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -132,8 +135,35 @@ def _convert(rows, make, skip_invalid: bool, stats: dict) -> list[Problem]:
     return out
 
 
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "data"
+BUNDLED_SHA256 = {
+    "gsm8k/train.jsonl": "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+    "gsm8k/test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+}
+"""sha256 of every data file shipped in the package (7,473 GSM8K train and 1,319 test problems)."""
+
+
+def bundled_file(relpath: str) -> Path:
+    """A data file shipped with the package, verified against its pinned sha256."""
+    if relpath not in BUNDLED_SHA256:
+        raise DataError(f"no bundled data file {relpath!r}; bundled: {', '.join(sorted(BUNDLED_SHA256))}")
+    f = BUNDLED_DIR / relpath
+    if not f.exists():
+        raise DataError(f"bundled data file missing: {f} (a broken install; reinstall thinkpress)")
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    if digest != BUNDLED_SHA256[relpath]:
+        raise DataError(f"bundled data file {f} has sha256 {digest}, expected {BUNDLED_SHA256[relpath]}: "
+                        "the file was changed or corrupted; reinstall thinkpress")
+    return f
+
+
 def load_gsm8k(split: str, path=None, limit=None, seed=0, shuffle=False, skip_invalid=False, stats=None):
+    """GSM8K from ``path``, else from the bundled copy (offline); splits ``train`` and ``test``."""
     stats = {} if stats is None else stats
+    if not path:
+        if f"gsm8k/{split}.jsonl" not in BUNDLED_SHA256:
+            raise DataError(f"gsm8k has splits ['train', 'test'], not {split!r}")
+        path = bundled_file(f"gsm8k/{split}.jsonl")
 
     def make(row, i):
         return Problem(id=f"gsm8k-{split}-{i:05d}", question=row["question"], answer=gsm8k_gold(row["answer"]),

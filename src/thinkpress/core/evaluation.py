@@ -1,97 +1,11 @@
-"""Answer extraction, grading and metrics.
-
-Extraction order for a model's completion (the first that matches wins):
-
-1. the last ``\\boxed{...}`` (balanced braces), as MATH-style and R1-style models answer;
-2. ``The answer is X`` / ``Final answer: X``;
-3. GSM8K's ``#### X``;
-4. the last number in the text.
-
-Equivalence uses ``math-verify`` (``parse`` + ``verify``), not hand-written sympy; plain numbers are
-compared numerically first (fast path; commas and a trailing ``.0`` do not matter).
-"""
+"""Metrics of evaluation runs. Answer grading is in :mod:`thinkpress.core.grading` (re-exported here)."""
 
 from __future__ import annotations
 
-import logging
-import re
 from statistics import mean
 from typing import Any
 
-logging.getLogger("math_verify").setLevel(logging.ERROR)  # no warnings about disabled signal timeouts
-
-_NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` with balanced braces."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start : i - 1].strip()
-    return None
-
-
-def gsm8k_gold(solution: str) -> str:
-    """The gold answer of a GSM8K solution: the number after ``####``."""
-    if "####" not in solution:
-        raise ValueError("GSM8K solution has no '####' answer line")
-    return solution.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-def extract_answer(text: str) -> str | None:
-    boxed = last_boxed(text)
-    if boxed:
-        return boxed
-    m = list(re.finditer(r"(?:the (?:final )?answer is|final answer\s*[:=])\s*:?\s*\$?([^\n$]+)", text, re.I))
-    if m:
-        ans = m[-1].group(1).strip().rstrip(".").strip()
-        num = re.search(_NUM, ans)
-        return num.group(0).replace("$", "") if num and len(ans) > 24 else ans
-    m = list(re.finditer(r"####\s*(" + _NUM + ")", text))
-    if m:
-        return m[-1].group(1).replace("$", "")
-    nums = re.findall(_NUM, text)
-    if nums:
-        return nums[-1].replace("$", "").rstrip(".")
-    return None
-
-
-def _as_number(s: str) -> float | None:
-    t = s.strip().strip("$").replace(",", "").replace("\\!", "")
-    t = re.sub(r"^\\text\{(.*)\}$", r"\1", t)
-    t = re.sub(r"\s*(?:dollars?|units?|cm|m|kg|%)$", "", t)
-    try:
-        return float(t)
-    except ValueError:
-        return None
-
-
-def is_equivalent(pred: str | None, gold: str) -> bool:
-    if pred is None or not pred.strip():
-        return False
-    a, b = _as_number(pred), _as_number(gold)
-    if a is not None and b is not None:
-        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
-    try:
-        from math_verify import parse, verify
-
-        g = parse(f"${gold}$", parsing_timeout=None)
-        p = parse(f"${pred}$", parsing_timeout=None)
-        if g and p:
-            return bool(verify(g, p, timeout_seconds=None))
-    except Exception:  # noqa: BLE001 - an unparsable answer is simply not equivalent
-        pass
-    return pred.strip() == gold.strip()
-
-
-def grade(text: str, gold: str) -> tuple[str | None, bool]:
-    pred = extract_answer(text)
-    return pred, is_equivalent(pred, gold)
+from thinkpress.core.grading import extract_answer, grade, gsm8k_gold, is_equivalent, last_boxed  # noqa: F401
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -103,8 +17,8 @@ def percentile(xs: list[float], q: float) -> float:
     return float(s[lo] + (s[hi] - s[lo]) * (k - lo))
 
 
-def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: float, peak_kv_bytes: int | None,
-              base_mean_tokens: float | None = None) -> dict[str, Any]:
+def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: float,
+              peak_kv_bytes: int | None) -> dict[str, Any]:
     """Metrics of one evaluation variant from its prediction records."""
     n = len(predictions)
     toks = [p["n_tokens"] for p in predictions]
@@ -125,9 +39,48 @@ def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: flo
         "peak_kv_bytes": peak_kv_bytes,
         "kv_evicted": round(sum(p.get("kv_evicted", 0.0) for p in predictions)),
     }
-    if base_mean_tokens:
-        m["tokens_saved"] = 1.0 - m["mean_tokens"] / base_mean_tokens
     return m
+
+
+def _paired(reference: list[dict[str, Any]], other: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    by_id = {p["problem_id"]: p for p in other}
+    return [(r, by_id[r["problem_id"]]) for r in reference if r["problem_id"] in by_id]
+
+
+def with_intervals(predictions: list[dict[str, Any]], *, base: list[dict[str, Any]] | None = None,
+                   reference: list[dict[str, Any]] | None = None, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """95% intervals of one variant's figures (see :mod:`thinkpress.core.stats`).
+
+    ``accuracy_ci`` (Wilson) and ``mean_tokens_ci`` (bootstrap) always; against ``base`` (paired by
+    problem): ``tokens_saved`` = 1 - mean tokens / base mean tokens and its paired-bootstrap
+    ``tokens_saved_ci``; against ``reference`` (base, or for a KV variant the same model with the full
+    cache): ``accuracy_delta`` and its paired-bootstrap ``accuracy_delta_ci``.
+    """
+    from thinkpress.core.stats import bootstrap_mean, paired_difference, paired_savings, wilson
+
+    n = len(predictions)
+    out: dict[str, Any] = {
+        "accuracy_ci": list(wilson(sum(bool(p["correct"]) for p in predictions), n)),
+        "mean_tokens_ci": _as_list(bootstrap_mean([p["n_tokens"] for p in predictions], n_boot=n_boot, seed=seed)),
+    }
+    if base is not None:
+        pairs = _paired(base, predictions)
+        ref_t, t = [r["n_tokens"] for r, _ in pairs], [o["n_tokens"] for _, o in pairs]
+        if pairs and sum(ref_t):
+            out["tokens_saved"] = 1.0 - mean(t) / mean(ref_t)
+            out["tokens_saved_ci"] = _as_list(paired_savings(ref_t, t, n_boot=n_boot, seed=seed))
+    if reference is not None:
+        pairs = _paired(reference, predictions)
+        if pairs:
+            a = [float(bool(r["correct"])) for r, _ in pairs]
+            b = [float(bool(o["correct"])) for _, o in pairs]
+            out["accuracy_delta"] = mean(b) - mean(a)
+            out["accuracy_delta_ci"] = _as_list(paired_difference(a, b, n_boot=n_boot, seed=seed))
+    return out
+
+
+def _as_list(ci: tuple[float, float] | None) -> list[float] | None:
+    return list(ci) if ci is not None else None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -167,12 +120,9 @@ def paired_flips(reference: list[dict[str, Any]], other: list[dict[str, Any]]) -
     when the two variants are equally accurate. On a few dozen problems an accuracy difference of one
     or two problems is noise, and this says so.
     """
-    from math import comb
+    from thinkpress.core.stats import mcnemar_exact
 
-    by_id = {p["problem_id"]: bool(p["correct"]) for p in other}
-    pairs = [(bool(r["correct"]), by_id[r["problem_id"]]) for r in reference if r["problem_id"] in by_id]
+    pairs = [(bool(r["correct"]), bool(o["correct"])) for r, o in _paired(reference, other)]
     lost = sum(1 for a, b in pairs if a and not b)
     gained = sum(1 for a, b in pairs if b and not a)
-    n = lost + gained
-    p = min(1.0, 2 * sum(comb(n, k) for k in range(min(lost, gained) + 1)) / 2**n) if n else 1.0
-    return {"n_paired": len(pairs), "lost": lost, "gained": gained, "flip_p": p}
+    return {"n_paired": len(pairs), "lost": lost, "gained": gained, "flip_p": mcnemar_exact(lost, gained)}

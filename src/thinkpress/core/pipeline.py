@@ -32,11 +32,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from thinkpress.core.config import RunConfig, dump_yaml, format_validation_error
+from thinkpress.core.config import DataSpec, RunConfig, dump_yaml, format_validation_error
 from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Prediction, Problem, Sample, TrainingSet, TrainResult, read_jsonl, write_jsonl
 from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
-from thinkpress.core.evaluation import grade, kv_agreement, paired_flips, summarize
+from thinkpress.core.evaluation import grade, kv_agreement, paired_flips, summarize, with_intervals
 from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
 from thinkpress.core.plugins import ComponentEntry, Registry, expand_plugins, get_registry, is_kv
 from thinkpress.core.stages import SINGLE_STAGES, Component, EvalVariant
@@ -158,19 +158,37 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
     return plan
 
 
-def load_problems(cfg: RunConfig, reg: Registry, which: str) -> tuple[list[Problem], dict]:
-    spec = getattr(cfg, which)
+def load_problems(spec: DataSpec, reg: Registry, seed: int, where: str) -> tuple[list[Problem], dict]:
+    """The problems of one data spec (``where`` is its key path, for messages)."""
     loader = reg.dataset(spec.name)
     stats: dict = {}
-    probs = loader(spec.split, path=spec.path, limit=None if spec.difficulty else spec.limit, seed=cfg.seed,
+    probs = loader(spec.split, path=spec.path, limit=None if spec.difficulty else spec.limit, seed=seed,
                    shuffle=spec.shuffle, skip_invalid=spec.skip_invalid, stats=stats)
     if spec.difficulty:
         probs = [p for p in probs if p.difficulty in spec.difficulty][: spec.limit]
     if not probs:
-        raise ConfigError(f"{which}: dataset {spec.name!r} split {spec.split!r} has no problems")
+        raise ConfigError(f"{where}: dataset {spec.name!r} split {spec.split!r} has no problems")
     if stats.get("skipped"):
-        log.warning("%s: skipped %d malformed rows", which, stats["skipped"])
+        log.warning("%s: skipped %d malformed rows", where, stats["skipped"])
     return probs, stats
+
+
+@dataclass
+class TestSet:
+    """One evaluation set of a run: its spec, problems and content key."""
+
+    name: str
+    spec: DataSpec
+    problems: list[Problem]
+    key: str
+    skipped_rows: int = 0
+
+    __test__ = False  # not a pytest class
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "label": self.name, "split": self.spec.split, "path": self.spec.path,
+                "n": len(self.problems), "limit": self.spec.limit, "shuffle": self.spec.shuffle,
+                "skipped_rows": self.skipped_rows}
 
 
 def _git_state() -> dict[str, Any]:
@@ -195,11 +213,36 @@ def _manifest(cfg: RunConfig) -> dict[str, Any]:
         "thinkpress": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "transformers": transformers.__version__, "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "seed": cfg.seed, "config_hash": cfg.config_hash(), "git": _git_state(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _nondeterminism(cfg: RunConfig) -> list[str]:
+    """Known sources of run-to-run differences for this config (empty: same config, same numbers).
+
+    On CPU the hf engine is deterministic for a fixed thread count (greedy evaluation, per-problem
+    sampling seeds, seeded training; tested by running the smoke config twice).
+    """
+    import torch
+
+    notes = []
+    if cfg.engine != "hf":
+        notes.append(f"engine {cfg.engine!r}: run-to-run determinism not established")
+    if torch.cuda.is_available() and not cfg.device.startswith("cpu"):
+        notes.append("CUDA: cuBLAS/SDPA kernels and atomics can change low bits between runs, and so greedy "
+                     "tokens near ties")
+    return notes
+
+
+def _adapter_identity(path: str) -> list[str]:
+    """Content hash of a saved adapter's files (the cache key of its evaluations)."""
+    import hashlib
+
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    return [f"{p.relative_to(path)}:{hashlib.sha256(p.read_bytes()).hexdigest()}" for p in files]
 
 
 def _peak_rss_mb() -> float:
@@ -217,20 +260,30 @@ class Runner:
         self.overwrite = overwrite
         # Everything that can be wrong with the input is checked here, before any work.
         self.plan = resolve_plan(cfg, self.reg)
-        self.test_problems, test_stats = load_problems(cfg, self.reg, "test_data") if cfg.eval.enabled else ([], {})
-        self.train_problems, train_stats = load_problems(cfg, self.reg, "train_data") if self.plan.train else ([], {})
-        self.skipped_rows = {"train_data": train_stats.get("skipped", 0), "test_data": test_stats.get("skipped", 0)}
+        self.test_sets: list[TestSet] = []
+        for i, spec in enumerate(cfg.test_data if cfg.eval.enabled else []):
+            probs, stats = load_problems(spec, self.reg, cfg.seed, f"test_data.{i}")
+            self.test_sets.append(TestSet(spec.display_name(), spec, probs,
+                                          stable_hash([x.model_dump(mode="json") for x in probs]),
+                                          stats.get("skipped", 0)))
+        self.train_problems, train_stats = (load_problems(cfg.train_data, self.reg, cfg.seed, "train_data")
+                                            if self.plan.train else ([], {}))
+        self.skipped_rows = {"train_data": train_stats.get("skipped", 0),
+                             "test_data": sum(t.skipped_rows for t in self.test_sets)}
+        if cfg.eval.adapter and not Path(cfg.eval.adapter, "adapter_config.json").exists():
+            raise ConfigError(f"eval.adapter: {cfg.eval.adapter!r} is not a saved LoRA adapter directory "
+                              "(no adapter_config.json)")
         self.reg.engine(cfg.engine)
         if cfg.model not in EMBEDDED_MODELS:
             resolve_model_path(cfg.model)  # a missing local model fails here, not after sampling
         self.model_id = model_identity(cfg.model)
-        self.test_key = stable_hash([x.model_dump(mode="json") for x in self.test_problems])
         self.store = RunStore(cfg.run_dir(), cfg.stage_cache_dir())
         self.state = RunState(cfg, self.reg, self.store, self.ui)
         self.stage_info: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
-        self.eval_keys: dict[str, str] = {}
-        """Evaluation cache key of every variant evaluated so far (KV variants find their reference's)."""
+        self.eval_keys: dict[tuple[str, str], str] = {}
+        """Evaluation cache key of every (test set, variant) evaluated so far (KV variants find their reference's)."""
+        self.nondeterminism = _nondeterminism(cfg)
         self.report_lines: list[str] = []
         """Markdown that components add to report.md (see ``Component.report_extras``)."""
 
@@ -324,6 +377,10 @@ class Runner:
     def variants(self, result: TrainResult | None, train_key: str | None, trainer: Planned | None) -> list[EvalVariant]:
         base: list[EvalVariant] = [EvalVariant(name="base", params={})] if self.cfg.eval.base else []
         trained: list[EvalVariant] = []
+        if self.cfg.eval.adapter:
+            path = str(Path(self.cfg.eval.adapter).resolve())
+            key = stable_hash(_adapter_identity(path))[:12]
+            trained.append(EvalVariant(name="adapter", params={"adapter_key": key}, adapter=path))
         if result is not None and result.adapter_path:
             adapter = self._adapter_abs(result, train_key)
             ctx = StageContext(self.state, "trainer", trainer.name, self.store.stage_cache(train_key), train_key)
@@ -343,15 +400,16 @@ class Runner:
                                            max_new_tokens=v.max_new_tokens))
         return out
 
-    def evaluate_variant(self, v: EvalVariant, base_mean: float | None) -> dict[str, Any]:
+    def evaluate_variant(self, v: EvalVariant, ts: TestSet) -> dict[str, Any]:
+        """Evaluate one variant on one test set (resumable per chunk, cached by content key)."""
         from thinkpress.core.engines.base import GenParams
 
         g = self.cfg.eval.generation
         params = GenParams(max_new_tokens=v.max_new_tokens or g.max_new_tokens, temperature=g.temperature,
                            top_p=g.top_p, stop=g.stop)
         # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter.
-        # "eval-v2": predictions carry token ids (KV agreement); older cached evaluations lack them.
-        key = stable_hash("eval-v2", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, self.test_key,
+        # "eval-v3": unmerged adapters and strict grading (older cached evaluations are not reused).
+        key = stable_hash("eval-v3", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, ts.key,
                           g.model_dump(mode="json"), self.model_id, self.cfg.system_prompt, self.cfg.dtype,
                           self.cfg.seed)
         path = self.store.stage_cache(key)
@@ -370,7 +428,7 @@ class Runner:
             wall = time.perf_counter() - t0
             recs = []
             for p, o in zip(chunk, outs, strict=True):
-                pred, ok = grade(o[0].text, p.answer)
+                pred, ok = grade(o[0].text, p.answer, truncated=o[0].finish_reason == "length")
                 recs.append(Prediction(problem_id=p.id, completion=o[0].text, n_tokens=o[0].n_tokens,
                                        finish_reason=o[0].finish_reason, pred=pred, correct=ok,
                                        decode_s=engine.stats.decode_s / len(chunk), wall_s=wall / len(chunk),
@@ -378,36 +436,41 @@ class Runner:
                                        kv_evicted=engine.stats.kv_evicted / len(chunk)))
             return recs
 
-        recs = ctx.journal_map(self.test_problems, run_chunk, chunk_size=g.batch_size, item_id=lambda p: p.id,
-                               desc=f"eval {v.name}")
-        out_dir = self.store.dir / "eval" / v.name.replace("/", "_")
+        recs = ctx.journal_map(ts.problems, run_chunk, chunk_size=g.batch_size, item_id=lambda p: p.id,
+                               desc=f"eval {v.name} on {ts.name}")
+        out_dir = self._eval_dir(ts, v.name)
         write_jsonl(out_dir / "predictions.jsonl", recs)
         metrics = summarize(recs, wall_s=sum(r["wall_s"] for r in recs), decode_s=sum(r["decode_s"] for r in recs),
-                            peak_kv_bytes=max((r["peak_kv_bytes"] for r in recs), default=None),
-                            base_mean_tokens=base_mean)
-        row = {"name": v.name, "params": v.params, **metrics}
-        self.eval_keys[v.name] = key
+                            peak_kv_bytes=max((r["peak_kv_bytes"] for r in recs), default=None))
+        row = {"name": v.name, "params": v.params, "test_set": ts.name, **metrics}
+        self.eval_keys[(ts.name, v.name)] = key
         ref = v.name.split("+", 1)[0] if v.kv_pruner else "base"
-        ref_recs = self.predictions(ref) if ref != v.name else None
+        ref_recs = self.predictions(ts, ref) if ref != v.name else None
+        base_recs = self.predictions(ts, "base") if v.name != "base" else None
+        row |= with_intervals(recs, base=base_recs, reference=ref_recs, n_boot=self.cfg.eval.bootstrap,
+                              seed=self.cfg.seed)
         if ref_recs is not None:
             row |= {"flips_vs": ref, **paired_flips(ref_recs, recs)}
         if v.kv_pruner and self.cfg.eval.kv_agreement:
             if ref_recs is None:
                 log.warning("no full-cache variant %r evaluated in this run: no agreement metrics for %s", ref, v.name)
             else:
-                row |= self.agreement(v, ref, ref_recs, recs, policy, engine, key)
+                row |= self.agreement(v, ts, ref, ref_recs, recs, policy, engine, key)
         atomic_write_json(out_dir / "metrics.json", row)
         return row
 
-    def predictions(self, name: str) -> list[dict[str, Any]] | None:
-        """The predictions of a variant evaluated earlier in this run (None if it was not)."""
-        path = self.store.dir / "eval" / name.replace("/", "_") / "predictions.jsonl"
-        if name not in self.eval_keys or not path.exists():
+    def _eval_dir(self, ts: TestSet, name: str) -> Path:
+        return self.store.dir / "eval" / ts.name.replace("/", "_") / name.replace("/", "_")
+
+    def predictions(self, ts: TestSet, name: str) -> list[dict[str, Any]] | None:
+        """The predictions of a variant evaluated earlier in this run on ``ts`` (None if it was not)."""
+        path = self._eval_dir(ts, name) / "predictions.jsonl"
+        if (ts.name, name) not in self.eval_keys or not path.exists():
             return None
         return [p.model_dump() for p in read_jsonl(path, Prediction)]
 
-    def agreement(self, v: EvalVariant, ref: str, full: list[dict[str, Any]], recs: list[dict[str, Any]], policy,
-                  engine, key: str) -> dict[str, Any]:
+    def agreement(self, v: EvalVariant, ts: TestSet, ref: str, full: list[dict[str, Any]], recs: list[dict[str, Any]],
+                  policy, engine, key: str) -> dict[str, Any]:
         """Token agreement with, and teacher-forced NLL of, the full-cache variant ``ref``'s EOS-ended outputs."""
         from thinkpress.core.engines.base import KVPolicy
 
@@ -416,7 +479,7 @@ class Runner:
         if not todo:
             return out
         g = self.cfg.eval.generation
-        problems = {p.id: p for p in self.test_problems}
+        problems = {p.id: p for p in ts.problems}
 
         def nll(pol, stage_key: str, desc: str) -> float:
             ctx = StageContext(self.state, "eval", desc, self.store.stage_cache(stage_key), stage_key)
@@ -433,15 +496,20 @@ class Runner:
                                    desc=desc)
             return sum(r["nll_sum"] for r in rows) / max(1, sum(r["n"] for r in rows))
 
-        out["nll_full"] = nll(KVPolicy(), stable_hash("nll-full", self.eval_keys[ref]), f"nll {ref}")
+        out["nll_full"] = nll(KVPolicy(), stable_hash("nll-full", self.eval_keys[(ts.name, ref)]), f"nll {ref}")
         out["nll_pruned"] = nll(policy, stable_hash("nll", key), f"nll {v.name}")
         return out
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        import torch
+
         from thinkpress.core.report import write_report
 
         cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
         resumed = self.store.claim(dump_yaml(cfg), cfg.config_hash(), overwrite=self.overwrite)
         handler = logging.FileHandler(self.store.dir / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -449,7 +517,8 @@ class Runner:
         log.setLevel(logging.INFO)
         try:
             manifest = _manifest(cfg) | {"resumed": resumed, "plan": self.plan.describe(),
-                                         "skipped_rows": self.skipped_rows}
+                                         "skipped_rows": self.skipped_rows,
+                                         "nondeterminism": self.nondeterminism}
             if any(self.skipped_rows.values()):
                 self.ui.info(f"skipped malformed dataset rows: {self.skipped_rows}")
             atomic_write_json(self.store.dir / "manifest.json", manifest)
@@ -458,25 +527,24 @@ class Runner:
             t0 = time.perf_counter()
             result, train_key, trainer = self.train()
             self.timings["train_s"] = time.perf_counter() - t0
-            rows: list[dict[str, Any]] = []
+            results: dict[str, list[dict[str, Any]]] = {}
             if cfg.eval.enabled:
                 t1 = time.perf_counter()
-                base_mean = None
-                for v in self.variants(result, train_key, trainer):
-                    row = self.evaluate_variant(v, base_mean if v.name != "base" else None)
-                    if v.name == "base":
-                        base_mean = row["mean_tokens"]
-                    rows.append(row)
+                variants = self.variants(result, train_key, trainer)
+                for ts in self.test_sets:
+                    results[ts.name] = [self.evaluate_variant(v, ts) for v in variants]
                 self.timings["eval_s"] = time.perf_counter() - t1
             self.timings["total_s"] = time.perf_counter() - t0
+            rows = results[self.test_sets[0].name] if results else []
             if rows:
+                # components' own report sections (ratio sweeps, KV budget curves) cover the primary test set
                 extras = ([trainer] if trainer else []) + self.plan.kv_pruners
                 for planned in extras:
                     self.report_lines += planned.instance.report_extras(rows, self.store.dir)
             manifest |= {"timings": self.timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                          "peak_rss_mb_process": _peak_rss_mb()}
             atomic_write_json(self.store.dir / "manifest.json", manifest)
-            return write_report(self, rows)
+            return write_report(self, results)
         finally:
             log.removeHandler(handler)
             handler.close()

@@ -23,19 +23,65 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
+def _pct_ci(ci: list[float] | None, signed: bool = False) -> str:
+    if ci is None:
+        return ""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f" [{f.format(100 * ci[0])}, {f.format(100 * ci[1])}]"
+
+
+def _num_ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f" [{ci[0]:.0f}, {ci[1]:.0f}]"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("variant", "n", "accuracy", "mean tok", "mean tok (correct)", "p50", "p90", "truncated", "saved vs base",
-            "latency/problem s", "decode tok/s", "peak KV MB", "lost / gained (p)")
+    """One row per variant; brackets hold 95% intervals (see :mod:`thinkpress.core.stats`)."""
+    head = ("variant", "n", "accuracy [95% CI]", "vs ref, pt [95% CI]", "lost / gained (p)", "mean tok [95% CI]",
+            "saved vs base [95% CI]", "mean tok (correct)", "p50", "p90", "truncated", "latency/problem s",
+            "decode tok/s", "peak KV MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kv = r.get("peak_kv_bytes")
+        delta = r.get("accuracy_delta")
         lines.append("| " + " | ".join([
-            r["name"], str(r["n"]), _fmt(r["accuracy"], True), _fmt(r["mean_tokens"]), _fmt(r["mean_tokens_correct"]),
-            _fmt(r["p50_tokens"]), _fmt(r["p90_tokens"]), _fmt(r["truncation_rate"], True),
-            _fmt(r.get("tokens_saved"), True), _fmt(r["latency_s"]), _fmt(r["decode_tokens_per_s"]),
-            _fmt(kv / 2**20 if kv else None), flips(r),
+            r["name"], str(r["n"]), _fmt(r["accuracy"], True) + _pct_ci(r.get("accuracy_ci")),
+            "-" if delta is None else f"{100 * delta:+.1f}" + _pct_ci(r.get("accuracy_delta_ci"), signed=True),
+            flips(r), _fmt(r["mean_tokens"]) + _num_ci(r.get("mean_tokens_ci")),
+            _fmt(r.get("tokens_saved"), True) + _pct_ci(r.get("tokens_saved_ci"), signed=True),
+            _fmt(r["mean_tokens_correct"]), _fmt(r["p50_tokens"]), _fmt(r["p90_tokens"]),
+            _fmt(r["truncation_rate"], True), _fmt(r["latency_s"]), _fmt(r["decode_tokens_per_s"]),
+            _fmt(kv / 2**20 if kv else None),
         ]) + " |")
     return "\n".join(lines)
+
+
+def summary_lines(set_name: str, rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per non-base variant: the change in accuracy and length, with intervals, in words."""
+    from thinkpress.core.stats import excludes_zero
+
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for r in rows:
+        ref = by_name.get(r.get("flips_vs") or "")
+        if ref is None:
+            continue
+        d, ci = r.get("accuracy_delta"), r.get("accuracy_delta_ci")
+        acc = (f"accuracy {100 * ref['accuracy']:.1f}% -> {100 * r['accuracy']:.1f}% "
+               f"({100 * d:+.1f} pt, 95% CI {_pct_ci(ci, signed=True).strip()[1:-1] or 'n/a'}; "
+               f"{r['lost']} lost / {r['gained']} gained, McNemar p = {r['flip_p']:.2g}): "
+               + ("significant" if excludes_zero(ci) and r["flip_p"] < 0.05 else "no significant change"))
+        text = f"{set_name} (n={r['n']}), {r['name']} vs {ref['name']}: {acc}"
+        if r.get("tokens_saved") is not None:
+            sv, sci = r["tokens_saved"], r.get("tokens_saved_ci")
+            base = by_name.get("base", ref)
+            change = f"{100 * abs(sv):.1f}% {'fewer' if sv >= 0 else 'more'}"
+            text += (f". Tokens {base['mean_tokens']:.0f} (base) -> {r['mean_tokens']:.0f}: {change} "
+                     f"(95% CI {_pct_ci(sci, signed=True).strip()[1:-1] or 'n/a'} saved): "
+                     + ("significant" if excludes_zero(sci) else "no significant change in length"))
+        if r.get("truncation_rate"):
+            text += f". Cut off at the token limit: {100 * r['truncation_rate']:.1f}% (graded wrong)"
+        out.append(text + ".")
+    return out
 
 
 def flips(r: dict[str, Any]) -> str:
@@ -45,64 +91,90 @@ def flips(r: dict[str, Any]) -> str:
     return f"{r['lost']} / {r['gained']} ({r['flip_p']:.2f})"
 
 
+INTERVALS_NOTE = ("Brackets: 95% intervals. Accuracy: Wilson score interval. Change vs. the reference and tokens "
+                  "saved vs. base: percentile bootstrap over problems, resampling the pairs (seeded). An answer cut "
+                  "off at the token limit is graded wrong unless it already stated a final answer.")
+
 FLIPS_NOTE = ("lost / gained (p): problems right in the reference variant (base; for a KV variant, the same model "
               "with the full cache) and wrong in this one, the reverse, and the exact two-sided McNemar p-value: "
               "a large p means the accuracy difference is within chance on this many problems.")
 
 
-def plot(rows: list[dict[str, Any]], path) -> None:
+def plot(results: dict[str, list[dict[str, Any]]], path) -> None:
+    """Accuracy vs. mean tokens, one panel per test set, with 95% intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for r in rows:
-        ax.scatter(r["mean_tokens"], 100 * r["accuracy"], s=50)
-        ax.annotate(r["name"], (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
-    # Axes start at zero so that small differences are not drawn as large ones.
-    ax.set_xlim(0, 1.1 * max((r["mean_tokens"] for r in rows), default=1.0) or 1.0)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("mean output tokens")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy vs. output length (one point per variant)")
-    ax.grid(alpha=0.3)
+    sets = [(name, rows) for name, rows in results.items() if rows]
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.4), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], sets, strict=True):
+        for r in rows:
+            x, y = r["mean_tokens"], 100 * r["accuracy"]
+            aci, tci = r.get("accuracy_ci"), r.get("mean_tokens_ci")
+            yerr = [[max(0.0, y - 100 * aci[0])], [max(0.0, 100 * aci[1] - y)]] if aci else None
+            xerr = [[max(0.0, x - tci[0])], [max(0.0, tci[1] - x)]] if tci else None
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, ms=6)
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        # Axes start at zero so that small differences are not drawn as large ones.
+        ax.set_xlim(0, 1.15 * max((r.get("mean_tokens_ci") or [0, r["mean_tokens"]])[1] for r in rows) or 1.0)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("mean output tokens")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{name} (n={rows[0]['n']}): accuracy vs. length, 95% CIs", fontsize=10)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(runner: Runner, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_report(runner: Runner, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Write report.json (the contract; ``dataset``/``variants`` are the primary test set's), report.md, plot.png."""
     cfg = runner.cfg
-    spec = cfg.test_data
+    sets = runner.test_sets
+    primary = sets[0] if sets else None
+    rows = results.get(primary.name, []) if primary else []
+
+    def contract(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: r.get(k) for k in CONTRACT_KEYS} | {k: v for k, v in r.items() if k not in CONTRACT_KEYS}
+                for r in rs]
+
+    summary = [line for ts in sets for line in summary_lines(ts.name, results.get(ts.name, []))]
     report = {
         "config_hash": cfg.config_hash(),
         "plugins": cfg.plugins,
         "model": cfg.model,
-        "dataset": {"name": spec.name, "split": spec.split, "path": spec.path, "n": len(runner.test_problems),
-                    "skipped_rows": runner.skipped_rows["test_data"],
-                    "train_skipped_rows": runner.skipped_rows["train_data"]},
-        "variants": [{k: r.get(k) for k in CONTRACT_KEYS} | {k: v for k, v in r.items() if k not in CONTRACT_KEYS}
-                     for r in rows],
+        "dataset": (primary.describe() if primary else {}) | {"train_skipped_rows": runner.skipped_rows["train_data"]},
+        "variants": contract(rows),
+        "test_sets": [{"name": ts.name, "dataset": ts.describe(), "variants": contract(results.get(ts.name, []))}
+                      for ts in sets],
+        "summary": summary,
         "stages": runner.stage_info,
         "plan": runner.plan.describe(),
         "timings": runner.timings,
+        "nondeterminism": runner.nondeterminism,
     }
     out = runner.store.dir
     atomic_write_json(out / "report.json", report)
-    if rows:
-        plot(rows, out / "plot.png")
+    if any(results.values()):
+        plot(results, out / "plot.png")
     md = [f"# thinkpress run: {', '.join(cfg.plugins)}", "",
-          f"- model: `{cfg.model}`  ", f"- test data: `{spec.name}` ({spec.split}, n={len(runner.test_problems)})  ",
+          f"- model: `{cfg.model}`  ",
+          "- test sets: " + ", ".join(f"`{ts.name}` ({ts.spec.split}, n={len(ts.problems)})" for ts in sets) + "  ",
           f"- config hash: `{report['config_hash']}`  ",
           f"- wall time: {runner.timings.get('total_s', 0):.0f} s (training stages "
           f"{runner.timings.get('train_s', 0):.0f} s, evaluation {runner.timings.get('eval_s', 0):.0f} s)", ""]
-    if rows:
-        md += ["## Evaluation", "", markdown_table(rows), ""]
-        if any(r.get("flips_vs") for r in rows):
-            md += [FLIPS_NOTE, ""]
-        md += ["![accuracy vs tokens](plot.png)", ""]
+    if runner.nondeterminism:
+        md += ["**Not reproducible bit for bit:** " + "; ".join(runner.nondeterminism), ""]
+    if summary:
+        md += ["## Summary", "", *[f"- {line}" for line in summary], ""]
+    for ts in sets:
+        if results.get(ts.name):
+            md += [f"## Evaluation: {ts.name} ({ts.spec.split}, n={len(ts.problems)})", "",
+                   markdown_table(results[ts.name]), ""]
+    if any(results.values()):
+        md += [INTERVALS_NOTE, "", FLIPS_NOTE, "", "![accuracy vs tokens](plot.png)", ""]
     extra = getattr(runner, "report_lines", [])
     if extra:
         md += [*extra, ""]

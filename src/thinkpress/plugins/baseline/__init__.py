@@ -38,7 +38,7 @@ def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, param
         samples = []
         for p, prompt, comps in zip(chunk, prompts, outs, strict=True):
             for j, c in enumerate(comps):
-                pred, ok = grade(c.text, p.answer)
+                pred, ok = grade(c.text, p.answer, truncated=c.finish_reason == "length")
                 samples.append(Sample(problem_id=p.id, index=j, prompt=prompt, completion=c.text, n_tokens=c.n_tokens,
                                       finish_reason=c.finish_reason, pred=pred, correct=ok,
                                       logprob=sum(c.logprobs) if c.logprobs else None))
