@@ -43,42 +43,45 @@ def _resample(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
+def _interval(stats: np.ndarray) -> tuple[float, float] | None:
+    stats = stats[np.isfinite(stats)]
+    if not len(stats):
+        return None
+    return float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+
+
+def _pairs(ref: list[float], other: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    if len(ref) != len(other):
+        raise ValueError("a paired interval needs one value per problem in both lists")
+    return np.asarray(ref, dtype=float), np.asarray(other, dtype=float)
+
+
 def bootstrap_mean(values: list[float], *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
     """95% percentile-bootstrap interval of the mean (None for fewer than two values)."""
     if len(values) < 2:
         return None
     x = np.asarray(values, dtype=float)
-    means = x[_resample(len(x), n_boot, seed)].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    return _interval(x[_resample(len(x), n_boot, seed)].mean(axis=1))
 
 
 def paired_savings(ref_tokens: list[float], tokens: list[float], *, n_boot: int = 2000,
                    seed: int = 0) -> tuple[float, float] | None:
     """95% paired-bootstrap interval of ``1 - mean(tokens) / mean(ref_tokens)`` (same problems, same order)."""
-    if len(ref_tokens) != len(tokens):
-        raise ValueError("paired_savings needs one value per problem in both lists")
-    if len(tokens) < 2:
+    a, b = _pairs(ref_tokens, tokens)
+    if len(a) < 2:
         return None
-    a, b = np.asarray(ref_tokens, dtype=float), np.asarray(tokens, dtype=float)
     idx = _resample(len(a), n_boot, seed)
     ref_means = a[idx].mean(axis=1)
-    saved = 1.0 - b[idx].mean(axis=1) / np.where(ref_means > 0, ref_means, np.nan)
-    saved = saved[np.isfinite(saved)]
-    if not len(saved):
-        return None
-    return float(np.quantile(saved, 0.025)), float(np.quantile(saved, 0.975))
+    return _interval(1.0 - b[idx].mean(axis=1) / np.where(ref_means > 0, ref_means, np.nan))
 
 
 def paired_difference(ref: list[float], other: list[float], *, n_boot: int = 2000,
                       seed: int = 0) -> tuple[float, float] | None:
     """95% paired-bootstrap interval of ``mean(other) - mean(ref)`` (e.g. accuracy change, 0/1 values)."""
-    if len(ref) != len(other):
-        raise ValueError("paired_difference needs one value per problem in both lists")
-    if len(ref) < 2:
+    a, b = _pairs(ref, other)
+    if len(a) < 2:
         return None
-    d = np.asarray(other, dtype=float) - np.asarray(ref, dtype=float)
-    means = d[_resample(len(d), n_boot, seed)].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    return _interval((b - a)[_resample(len(a), n_boot, seed)].mean(axis=1))
 
 
 def excludes_zero(ci: tuple[float, float] | list[float] | None) -> bool:
