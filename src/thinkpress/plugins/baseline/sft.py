@@ -270,9 +270,12 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
         tmp = out_dir / "adapter_tmp"
         acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
         (tmp / "step.json").write_text(json.dumps({"step": step}))
+        old = dest.with_name(dest.name + "_old")  # the previous copy stays until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
         if dest.exists():
-            shutil.rmtree(dest)
+            dest.rename(old)
         tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
 
     save(good_dir, 0)
     rng = random.Random(ctx.seed)
