@@ -6,8 +6,6 @@ Every record is a pydantic model so that a stage's output on disk is validated w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -15,6 +13,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from thinkpress.core.errors import DataError
+from thinkpress.core.files import atomic_file
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -105,22 +104,11 @@ R = TypeVar("R", bound=BaseModel)
 
 
 def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> None:
-    """Write records atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                d = r.model_dump(mode="json") if isinstance(r, BaseModel) else r
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write records atomically (see :mod:`thinkpress.core.files`)."""
+    with atomic_file(path) as f:
+        for r in records:
+            d = r.model_dump(mode="json") if isinstance(r, BaseModel) else r
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
 
 
 def iter_jsonl(path: str | Path, *, skip_invalid: bool = False, stats: dict | None = None) -> Iterator[dict]:

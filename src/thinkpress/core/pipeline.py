@@ -37,10 +37,11 @@ from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Prediction, Problem, Sample, TrainingSet, TrainResult, read_jsonl, write_jsonl
 from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
 from thinkpress.core.evaluation import grade, kv_agreement, paired_flips, summarize, with_intervals
+from thinkpress.core.files import atomic_write_json
 from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
 from thinkpress.core.plugins import ComponentEntry, Registry, expand_plugins, get_registry, is_kv
 from thinkpress.core.stages import SINGLE_STAGES, Component, EvalVariant
-from thinkpress.core.store import RunStore, atomic_write_json, stable_hash
+from thinkpress.core.store import RunStore, stable_hash
 
 log = logging.getLogger("thinkpress")
 

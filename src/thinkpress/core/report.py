@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from thinkpress.core.store import atomic_write_json, atomic_write_text
+from thinkpress.core.files import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from thinkpress.core.pipeline import Runner

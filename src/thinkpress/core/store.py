@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,26 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from thinkpress.core.errors import RunStoreError
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+from thinkpress.core.files import atomic_dir, atomic_write_text
 
 
 def stable_hash(*parts: Any) -> str:
@@ -173,8 +153,8 @@ class RunStore:
     def publish_stage(self, cache_path: Path, label: str) -> Path:
         """Copy a finished stage output from the cache into the run directory."""
         dest = self.dir / "stages" / label
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(cache_path, dest, ignore=shutil.ignore_patterns("journal.jsonl", "*.tmp"))
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(cache_path, tmp, ignore=shutil.ignore_patterns("journal.jsonl", "*.tmp"),
+                            dirs_exist_ok=True)
         return dest
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pydantic import Field
 from thinkpress.core.context import StageContext
 from thinkpress.core.data import Example, PreferencePair, TrainingSet, TrainResult
 from thinkpress.core.errors import ConfigError, TrainingError
+from thinkpress.core.files import atomic_dir
 from thinkpress.core.stages import ComponentConfig, Trainer
 
 ALL_LINEAR = "all-linear"
@@ -267,15 +267,9 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
     good_dir, final_dir = out_dir / "adapter_last_good", out_dir / "adapter"
 
     def save(dest: Path, step: int) -> None:
-        tmp = out_dir / "adapter_tmp"
-        acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-        old = dest.with_name(dest.name + "_old")  # the previous copy stays until the new one is in place
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(dest) as tmp:
+            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            (tmp / "step.json").write_text(json.dumps({"step": step}))
 
     save(good_dir, 0)
     rng = random.Random(ctx.seed)

@@ -12,8 +12,8 @@ from pydantic import Field
 from thinkpress.core.context import StageContext
 from thinkpress.core.data import TrainingSet, TrainResult
 from thinkpress.core.errors import TrainingError
+from thinkpress.core.files import atomic_write_json
 from thinkpress.core.stages import EvalVariant, Trainer
-from thinkpress.core.store import atomic_write_json
 from thinkpress.plugins.baseline.sft import SFTConfig, train_lora_sft
 
 TAGS_FILE = "ratio_tags.json"
