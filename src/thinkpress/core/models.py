@@ -191,3 +191,46 @@ def model_identity(model: str) -> str:
         stamp = sha256_file(cfg)[:16] if cfg.exists() else ""
         return f"path:{p.resolve()}:{stamp}"
     return f"hub:{model}"
+
+
+def resolve_device(device: str):
+    """``auto``: CUDA when available, else CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """A model's tokenizer, with pad = EOS when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"cannot load the tokenizer of {path!r}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, *, dtype: str = "bfloat16", device: str = "auto", trust_remote_code: bool = False):
+    """A causal LM (safetensors only, never pickle) in eval mode on ``device``, and its tokenizer.
+
+    ``dtype`` is a torch dtype name (``bfloat16``, ``float16``, ``float32``).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise ModelError(f"cannot load model {path!r}: {e}") from None
+    model.to(resolve_device(device)).eval()
+    return model, tok

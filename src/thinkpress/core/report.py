@@ -102,14 +102,15 @@ FLIPS_NOTE = ("lost / gained (p): problems right in the reference variant (base;
 
 def plot(results: dict[str, list[dict[str, Any]]], path) -> None:
     """Accuracy vs. mean tokens, one panel per test set, with 95% intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from thinkpress.core.plots import figure
 
     sets = [(name, rows) for name, rows in results.items() if rows]
-    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.4), squeeze=False)
-    for ax, (name, rows) in zip(axes[0], sets, strict=True):
+    with figure(path, len(sets), panel=(6, 4.4)) as axes:
+        _panels(axes, sets)
+
+
+def _panels(axes, sets) -> None:
+    for ax, (name, rows) in zip(axes, sets, strict=True):
         for r in rows:
             x, y = r["mean_tokens"], 100 * r["accuracy"]
             aci, tci = r.get("accuracy_ci"), r.get("mean_tokens_ci")
@@ -123,10 +124,6 @@ def plot(results: dict[str, list[dict[str, Any]]], path) -> None:
         ax.set_xlabel("mean output tokens")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{name} (n={rows[0]['n']}): accuracy vs. length, 95% CIs", fontsize=10)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_report(runner: Runner, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

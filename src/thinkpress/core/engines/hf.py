@@ -28,35 +28,8 @@ import torch
 
 from thinkpress.core.engines.base import Completion, Engine, GenParams, GenStats, KVPolicy, ProgressFn
 from thinkpress.core.errors import ModelError
+from thinkpress.core.models import load_causal_lm
 from thinkpress.kernels import TokenScores, token_scores
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_causal_lm(path: str, *, dtype: str = "bfloat16", device: str = "auto", trust_remote_code: bool = False):
-    """Load a causal LM and tokenizer from safetensors only (no pickle)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    dev = resolve_device(device)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except OSError as e:
-        raise ModelError(f"cannot load model {path!r}: {e}") from None
-    model.to(dev).eval()
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def kv_cache_bytes(cache: Any) -> int:

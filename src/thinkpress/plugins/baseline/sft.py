@@ -146,8 +146,8 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, labels, mask
 
 
-def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the completion tokens, computing the LM head only where it is needed.
+def completion_logits(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """Logits at the completion positions only, and their targets (-100 where a row has none).
 
     ``logits_to_keep`` takes the positions whose next token is a target in some row, so the
     [batch, positions, vocab] logits (1.2 GB in fp32 for 4 x 512 tokens of a 152k vocabulary) are not
@@ -155,8 +155,12 @@ def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.
     """
     tgt = labels[:, 1:]
     cols = (tgt != -100).any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=cols).logits
-    t = tgt[:, cols]
+    return model(input_ids=ids, attention_mask=mask, logits_to_keep=cols).logits, tgt[:, cols]
+
+
+def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the completion tokens."""
+    logits, t = completion_logits(model, ids, mask, labels)
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), t.reshape(-1),
                                              ignore_index=-100)
 
@@ -174,31 +178,21 @@ def lr_lambda(total: int, warmup: int, kind: str):
 
 
 def load_tokenizer(ctx: StageContext):
-    """The run model's tokenizer (pad = EOS when it has none); cheap, so checks can run before the model loads."""
-    from transformers import AutoTokenizer
-
+    """The run model's tokenizer; cheap, so checks can run before the model loads."""
+    from thinkpress.core.models import load_tokenizer as load
     from thinkpress.core.models import resolve_model_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(ctx.config.model),
-                                        trust_remote_code=ctx.config.trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load(resolve_model_path(ctx.config.model), trust_remote_code=ctx.config.trust_remote_code)
 
 
 def load_trainable(ctx: StageContext, cfg: SFTConfig):
     """The base model in fp32 with a fresh LoRA adapter, and its tokenizer."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from thinkpress.core.models import resolve_model_path
+    from thinkpress.core.models import load_causal_lm, resolve_model_path
 
-    hf_logging.disable_progress_bar()
-    path = resolve_model_path(ctx.config.model)
-    tok = load_tokenizer(ctx)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=ctx.config.trust_remote_code)
+    model, tok = load_causal_lm(resolve_model_path(ctx.config.model), dtype="float32", device="cpu",
+                                trust_remote_code=ctx.config.trust_remote_code)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                       task_type="CAUSAL_LM")
     if cfg.gradient_checkpointing:

@@ -59,16 +59,17 @@ def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> lis
 
 
 def plot_budget_curve(policy: str, rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from thinkpress.core.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with figure(path, 2) as (a1, a2):
+        _budget_panels(a1, a2, policy, rows)
 
+
+def _budget_panels(a1, a2, policy: str, rows: list[dict[str, Any]]) -> None:
     key = "budget" if all("budget" in r["params"] for r in rows) else "ratio"
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(reference_name(r), []).append(r)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
     for ref, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["params"][key])
         xs = [r["params"][key] for r in rs]
@@ -81,10 +82,6 @@ def plot_budget_curve(policy: str, rows: list[dict[str, Any]], path: Path) -> No
         ax.set_xlabel(key)
         ax.set_ylabel(label)
         ax.set_ylim(0, 105)
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     a1.set_title(f"{policy}: quality vs. {key}")
     a2.set_title(f"{policy}: peak KV bytes vs. {key}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

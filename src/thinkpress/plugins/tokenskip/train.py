@@ -60,12 +60,13 @@ def controllability(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_ratio(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from thinkpress.core.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with figure(path, 2) as (a1, a2):
+        _ratio_panels(a1, a2, rows)
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
+
+def _ratio_panels(a1, a2, rows: list[dict[str, Any]]) -> None:
     gs = [r["params"]["gamma"] for r in rows]
     a1.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="ideal")
     a1.plot(gs, [r["actual_ratio"] for r in rows], "o-", label="trained")
@@ -75,7 +76,6 @@ def plot_ratio(rows: list[dict[str, Any]], path: Path) -> None:
     a1.set_ylabel("actual ratio (tokens at gamma / tokens at 1.0)")
     a1.set_title("ratio adherence")
     a1.legend()
-    a1.grid(alpha=0.3)
     a2.plot([r["mean_tokens"] for r in rows], [100 * r["accuracy"] for r in rows], "o-")
     for r in rows:
         a2.annotate(f"{r['params']['gamma']:g}", (r["mean_tokens"], 100 * r["accuracy"]), textcoords="offset points",
@@ -85,10 +85,6 @@ def plot_ratio(rows: list[dict[str, Any]], path: Path) -> None:
     a2.set_xlabel("mean output tokens")
     a2.set_ylabel("accuracy (%)")
     a2.set_title("accuracy vs. tokens, one point per gamma")
-    a2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 class TokenSkipSFT(Trainer):

@@ -39,6 +39,7 @@ from thinkpress.plugins.baseline.sft import (
     SFTConfig,
     check_truncation,
     collate,
+    completion_logits,
     encode_example,
     load_tokenizer,
     train_lora,
@@ -75,14 +76,10 @@ def dpo_l_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_
 
 
 def completion_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p over each row's completion tokens (labels != -100), LM head only where needed."""
-    tgt = labels[:, 1:]
-    cols = (tgt != -100).any(dim=0).nonzero().squeeze(1)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=cols).logits
-    t = tgt[:, cols]
-    valid = t != -100
+    """Sum of log p over each row's completion tokens (labels != -100)."""
+    logits, t = completion_logits(model, ids, mask, labels)
     lp = -F.cross_entropy(logits.float().transpose(1, 2), t.clamp(min=0), reduction="none")
-    return (lp * valid).sum(-1)
+    return (lp * (t != -100)).sum(-1)
 
 
 class DPOTask:
