@@ -18,6 +18,7 @@ from rich.table import Table
 
 from thinkpress import __version__
 from thinkpress.core.errors import ThinkpressError
+from thinkpress.core.report import fmt_num_ci, fmt_pct_ci
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -81,13 +82,6 @@ def _execute(overrides: dict, preset, config_file, sets, overwrite, quiet) -> No
     click.echo(f"report: {runner.store.dir / 'report.md'}")
 
 
-def _ci(ci, scale: float = 100.0, signed: bool = False) -> str:
-    if not ci:
-        return ""
-    f = "{:+.1f}" if signed else "{:.1f}"
-    return f" [{f.format(scale * ci[0])}, {f.format(scale * ci[1])}]"
-
-
 def _print_report(report: dict, cfg) -> None:
     console = Console(width=max(140, Console().width))
     for ts in report.get("test_sets", []):
@@ -102,12 +96,12 @@ def _print_report(report: dict, cfg) -> None:
         for v in rows:
             d = v.get("accuracy_delta")
             table.add_row(
-                v["name"], f"{100 * v['accuracy']:.1f}{_ci(v.get('accuracy_ci'))}",
-                "-" if d is None else f"{100 * d:+.1f}{_ci(v.get('accuracy_delta_ci'), signed=True)}",
+                v["name"], f"{100 * v['accuracy']:.1f}{fmt_pct_ci(v.get('accuracy_ci'))}",
+                "-" if d is None else f"{100 * d:+.1f}{fmt_pct_ci(v.get('accuracy_delta_ci'), signed=True)}",
                 "-" if v.get("flips_vs") is None else f"{v['lost']}/{v['gained']} ({v['flip_p']:.2g})",
-                f"{v['mean_tokens']:.1f}{_ci(v.get('mean_tokens_ci'), scale=1.0)}",
+                f"{v['mean_tokens']:.1f}{fmt_num_ci(v.get('mean_tokens_ci'), digits=1)}",
                 "-" if v.get("tokens_saved") is None else
-                f"{100 * v['tokens_saved']:.1f}{_ci(v.get('tokens_saved_ci'), signed=True)}",
+                f"{100 * v['tokens_saved']:.1f}{fmt_pct_ci(v.get('tokens_saved_ci'), signed=True)}",
                 f"{100 * v['truncation_rate']:.1f}%", f"{v['decode_tokens_per_s']:.1f}")
         console.print(table)
     for line in report.get("summary", []):

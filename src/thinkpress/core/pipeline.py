@@ -398,7 +398,7 @@ class Runner:
                     out.append(EvalVariant(name=f"{v.name}+{kv.name}" + (f"@{tag}" if tag else ""),
                                            params={**v.params, "kv_policy": kv.name, **params}, adapter=v.adapter,
                                            prompt_suffix=v.prompt_suffix, kv_pruner=kv.name, kv_params=params,
-                                           max_new_tokens=v.max_new_tokens))
+                                           max_new_tokens=v.max_new_tokens, reference=v.name))
         return out
 
     def evaluate_variant(self, v: EvalVariant, ts: TestSet) -> dict[str, Any]:
@@ -443,9 +443,9 @@ class Runner:
         write_jsonl(out_dir / "predictions.jsonl", recs)
         metrics = summarize(recs, wall_s=sum(r["wall_s"] for r in recs), decode_s=sum(r["decode_s"] for r in recs),
                             peak_kv_bytes=max((r["peak_kv_bytes"] for r in recs), default=None))
-        row = {"name": v.name, "params": v.params, "test_set": ts.name, **metrics}
+        row = {"name": v.name, "params": v.params, "test_set": ts.name, "reference": v.reference or "base", **metrics}
         self.eval_keys[(ts.name, v.name)] = key
-        ref = v.name.split("+", 1)[0] if v.kv_pruner else "base"
+        ref = v.reference or "base"
         ref_recs = self.predictions(ts, ref) if ref != v.name else None
         base_recs = self.predictions(ts, "base") if v.name != "base" else None
         row |= with_intervals(recs, base=base_recs, reference=ref_recs, n_boot=self.cfg.eval.bootstrap,

@@ -13,7 +13,8 @@ CONTRACT_KEYS = ("name", "params", "n", "accuracy", "mean_tokens", "mean_tokens_
                  "truncation_rate", "latency_s", "decode_tokens_per_s", "peak_kv_bytes")
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
+def fmt(v: Any, pct: bool = False) -> str:
+    """A table cell: ``-`` for None, a percentage, or a number with precision that suits its size."""
     if v is None:
         return "-"
     if pct:
@@ -23,15 +24,17 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
-def _pct_ci(ci: list[float] | None, signed: bool = False) -> str:
+def fmt_pct_ci(ci: list[float] | None, signed: bool = False) -> str:
+    """`` [lo, hi]`` of a fraction's interval in percent (empty without one)."""
     if ci is None:
         return ""
     f = "{:+.1f}" if signed else "{:.1f}"
     return f" [{f.format(100 * ci[0])}, {f.format(100 * ci[1])}]"
 
 
-def _num_ci(ci: list[float] | None) -> str:
-    return "" if ci is None else f" [{ci[0]:.0f}, {ci[1]:.0f}]"
+def fmt_num_ci(ci: list[float] | None, digits: int = 0) -> str:
+    """`` [lo, hi]`` of a number's interval (empty without one)."""
+    return "" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -44,13 +47,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         kv = r.get("peak_kv_bytes")
         delta = r.get("accuracy_delta")
         lines.append("| " + " | ".join([
-            r["name"], str(r["n"]), _fmt(r["accuracy"], True) + _pct_ci(r.get("accuracy_ci")),
-            "-" if delta is None else f"{100 * delta:+.1f}" + _pct_ci(r.get("accuracy_delta_ci"), signed=True),
-            flips(r), _fmt(r["mean_tokens"]) + _num_ci(r.get("mean_tokens_ci")),
-            _fmt(r.get("tokens_saved"), True) + _pct_ci(r.get("tokens_saved_ci"), signed=True),
-            _fmt(r["mean_tokens_correct"]), _fmt(r["p50_tokens"]), _fmt(r["p90_tokens"]),
-            _fmt(r["truncation_rate"], True), _fmt(r["latency_s"]), _fmt(r["decode_tokens_per_s"]),
-            _fmt(kv / 2**20 if kv else None),
+            r["name"], str(r["n"]), fmt(r["accuracy"], True) + fmt_pct_ci(r.get("accuracy_ci")),
+            "-" if delta is None else f"{100 * delta:+.1f}" + fmt_pct_ci(r.get("accuracy_delta_ci"), signed=True),
+            flips(r), fmt(r["mean_tokens"]) + fmt_num_ci(r.get("mean_tokens_ci")),
+            fmt(r.get("tokens_saved"), True) + fmt_pct_ci(r.get("tokens_saved_ci"), signed=True),
+            fmt(r["mean_tokens_correct"]), fmt(r["p50_tokens"]), fmt(r["p90_tokens"]),
+            fmt(r["truncation_rate"], True), fmt(r["latency_s"]), fmt(r["decode_tokens_per_s"]),
+            fmt(kv / 2**20 if kv else None),
         ]) + " |")
     return "\n".join(lines)
 
@@ -67,7 +70,7 @@ def summary_lines(set_name: str, rows: list[dict[str, Any]]) -> list[str]:
             continue
         d, ci = r.get("accuracy_delta"), r.get("accuracy_delta_ci")
         acc = (f"accuracy {100 * ref['accuracy']:.1f}% -> {100 * r['accuracy']:.1f}% "
-               f"({100 * d:+.1f} pt, 95% CI {_pct_ci(ci, signed=True).strip()[1:-1] or 'n/a'}; "
+               f"({100 * d:+.1f} pt, 95% CI {fmt_pct_ci(ci, signed=True).strip()[1:-1] or 'n/a'}; "
                f"{r['lost']} lost / {r['gained']} gained, McNemar p = {r['flip_p']:.2g}): "
                + ("significant" if excludes_zero(ci) and r["flip_p"] < 0.05 else "no significant change"))
         text = f"{set_name} (n={r['n']}), {r['name']} vs {ref['name']}: {acc}"
@@ -76,7 +79,7 @@ def summary_lines(set_name: str, rows: list[dict[str, Any]]) -> list[str]:
             base = by_name.get("base", ref)
             change = f"{100 * abs(sv):.1f}% {'fewer' if sv >= 0 else 'more'}"
             text += (f". Tokens {base['mean_tokens']:.0f} (base) -> {r['mean_tokens']:.0f}: {change} "
-                     f"(95% CI {_pct_ci(sci, signed=True).strip()[1:-1] or 'n/a'} saved): "
+                     f"(95% CI {fmt_pct_ci(sci, signed=True).strip()[1:-1] or 'n/a'} saved): "
                      + ("significant" if excludes_zero(sci) else "no significant change in length"))
         if r.get("truncation_rate"):
             text += f". Cut off at the token limit: {100 * r['truncation_rate']:.1f}% (graded wrong)"
@@ -178,7 +181,7 @@ def write_report(runner: Runner, results: dict[str, list[dict[str, Any]]]) -> di
     if runner.stage_info:
         md += ["## Stages", "", "| stage | plugin | wall s | cached | stats |", "|---|---|---|---|---|"]
         for label, s in runner.stage_info.items():
-            stats = ", ".join(f"{k}={_fmt(v)}" for k, v in (s.get("stats") or {}).items())
-            md.append(f"| {label} | {s['plugin']} | {_fmt(s['wall_s'])} | {s['cached']} | {stats} |")
+            stats = ", ".join(f"{k}={fmt(v)}" for k, v in (s.get("stats") or {}).items())
+            md.append(f"| {label} | {s['plugin']} | {fmt(s['wall_s'])} | {s['cached']} | {stats} |")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return report

@@ -84,6 +84,8 @@ class EvalVariant:
     kv_pruner: str | None = None
     kv_params: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int | None = None
+    reference: str | None = None
+    """The variant this one is compared with (accuracy change, lost/gained); None: ``base``."""
 
 
 class Sampler(Component):

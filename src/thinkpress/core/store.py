@@ -35,8 +35,14 @@ from thinkpress.core.files import atomic_dir, atomic_write_text
 
 
 def stable_hash(*parts: Any) -> str:
+    """24 hex digits of the sha256 of ``parts`` as canonical JSON (the same on every machine and run)."""
     blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 60-bit seed from ``parts`` (e.g. the run seed and a problem id): independent of batching and resume."""
+    return int(stable_hash(*parts)[:15], 16)
 
 
 class Journal:

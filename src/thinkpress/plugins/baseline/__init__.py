@@ -17,13 +17,13 @@ from thinkpress.core.data import Example, Problem, Sample, TrainingSet
 from thinkpress.core.engines.base import GenParams
 from thinkpress.core.evaluation import grade
 from thinkpress.core.stages import ComponentConfig, Sampler, Selector
-from thinkpress.core.store import stable_hash
+from thinkpress.core.store import derive_seed
 from thinkpress.plugins.baseline.sft import LoraSFT
 
 
 def problem_seed(seed: int, problem_id: str) -> int:
     """Per-problem seed: a problem's samples do not depend on batching or on resume."""
-    return int(stable_hash(seed, problem_id)[:15], 16)
+    return derive_seed(seed, problem_id)
 
 
 def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, params: GenParams, batch_size: int,

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from thinkpress.core.report import _fmt, flips
+from thinkpress.core.report import flips, fmt
 
 
 def reference_name(row: dict[str, Any]) -> str:
     """The full-cache variant a KV variant is compared with (``base+rkv@budget=256`` -> ``base``)."""
-    return row["name"].split("+", 1)[0]
+    return row["reference"]
 
 
 def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
-    """Add ``kv_ratio``, ``speed_ratio`` and ``accuracy_delta`` to this policy's rows; a table and a plot."""
+    """Add ``kv_ratio`` and ``speed_ratio`` to this policy's rows; a table and a plot."""
     by_name = {r["name"]: r for r in rows}
     mine = [r for r in rows if r.get("params", {}).get("kv_policy") == policy]
     if not mine:
@@ -32,17 +32,17 @@ def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> lis
                 r["kv_ratio"] = r["peak_kv_bytes"] / ref["peak_kv_bytes"]
             if r.get("decode_tokens_per_s") and ref.get("decode_tokens_per_s"):
                 r["speed_ratio"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
-            r["accuracy_delta"] = r["accuracy"] - ref["accuracy"]
         if r.get("kv_evicted") == 0:
             noop.append(r["name"])
         nll = (f"{r['nll_full']:.3f} -> {r['nll_pruned']:.3f}" if r.get("nll_pruned") is not None else "-")
         kv = r.get("peak_kv_bytes")
         lines.append("| " + " | ".join([
-            r["name"], _fmt(r["accuracy"], True),
-            f"{100 * r['accuracy_delta']:+.1f} pt" if "accuracy_delta" in r else "-", flips(r), _fmt(r["mean_tokens"]),
-            _fmt(kv / 2**20 if kv else None), _fmt(r.get("kv_ratio"), True), _fmt(r["decode_tokens_per_s"]),
-            f"{r['speed_ratio']:.2f}x" if "speed_ratio" in r else "-", _fmt(r.get("token_agreement"), True),
-            _fmt(r.get("exact_match"), True), nll, _fmt(r.get("kv_evicted")),
+            r["name"], fmt(r["accuracy"], True),
+            "-" if r.get("accuracy_delta") is None else f"{100 * r['accuracy_delta']:+.1f} pt", flips(r),
+            fmt(r["mean_tokens"]),
+            fmt(kv / 2**20 if kv else None), fmt(r.get("kv_ratio"), True), fmt(r["decode_tokens_per_s"]),
+            f"{r['speed_ratio']:.2f}x" if "speed_ratio" in r else "-", fmt(r.get("token_agreement"), True),
+            fmt(r.get("exact_match"), True), nll, fmt(r.get("kv_evicted")),
         ]) + " |")
     lines += ["", "Token agreement: the share of each full-cache output (answers that ended with EOS) that the "
               "pruned run reproduced before its first differing token; NLL: mean per-token NLL of those full-cache "

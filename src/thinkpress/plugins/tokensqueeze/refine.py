@@ -33,7 +33,7 @@ from thinkpress.core.context import StageContext
 from thinkpress.core.data import TrainingSet
 from thinkpress.core.engines.base import Engine, GenParams
 from thinkpress.core.stages import ComponentConfig, Refiner
-from thinkpress.core.store import stable_hash
+from thinkpress.core.store import derive_seed, stable_hash
 from thinkpress.kernels import kl_div
 
 
@@ -181,7 +181,7 @@ class KLStepRefiner(Refiner):
                 group = [(s, n) for s, n in todo if s.delim == delim]
                 params = GenParams(max_new_tokens=max(n for _, n in group), temperature=cfg.temperature, stop=[delim])
                 prompts = [s.prompt + s.prefix(i) for s, _ in group]
-                seeds = [int(stable_hash(ctx.seed, s.key, i)[:15], 16) for s, _ in group]
+                seeds = [derive_seed(ctx.seed, s.key, i) for s, _ in group]
                 outs = engine.generate(prompts, params, n=cfg.n_candidates, seeds=seeds, batch_size=cfg.batch_size)
                 for (s, n_tok), comps in zip(group, outs, strict=True):
                     c = counts[s.key]
