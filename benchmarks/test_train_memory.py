@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent("""
     import json, resource, sys, time, torch
     from types import SimpleNamespace
     from thinkpress.core.models import ensure_embedded
-    from thinkpress.plugins.baseline import sft
+    from thinkpress.toolkit import lora as sft
     ckpt = sys.argv[2] == "1"
     cfg = sft.SFTConfig(gradient_checkpointing=ckpt)
     ctx = SimpleNamespace(config=SimpleNamespace(model=sys.argv[1], trust_remote_code=False))

@@ -13,8 +13,9 @@ from thinkpress.core.errors import TrainingError
 from thinkpress.core.plugins import build_registry
 from thinkpress.core.store import RunStore
 from thinkpress.plugins.baseline import KeepCorrect, RejectionSampler
-from thinkpress.plugins.baseline import sft as sft_mod
-from thinkpress.plugins.baseline.sft import LoraSFT, encode_example
+from thinkpress.plugins.baseline.sft import LoraSFT
+from thinkpress.toolkit import lora as sft_mod
+from thinkpress.toolkit.lora import encode_example
 
 
 def _ctx(tmp_path, model, stage="trainer"):

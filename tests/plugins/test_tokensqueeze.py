@@ -18,10 +18,10 @@ from thinkpress.core.errors import ConfigError, TrainingError
 from thinkpress.core.pipeline import Runner
 from thinkpress.core.plugins import build_registry
 from thinkpress.core.store import RunStore
-from thinkpress.plugins.baseline.sft import collate, encode_example
 from thinkpress.plugins.tokensqueeze.dpo import DPOLConfig, DPOLTrainer, DPOTask, completion_logps, dpo_l_loss
 from thinkpress.plugins.tokensqueeze.refine import KLStepConfig, KLStepRefiner, split_steps, window_kl
 from thinkpress.plugins.tokensqueeze.select import ExtraPositives, FixedQuantile, QDyn, ShortestCorrect
+from thinkpress.toolkit.lora import collate, encode_example
 
 
 def _ctx(tmp_path, model="smollm2-135m", stage="selector", sets=()):

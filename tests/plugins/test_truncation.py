@@ -13,10 +13,11 @@ from thinkpress.core.data import Example, PreferencePair, TrainingSet
 from thinkpress.core.errors import ConfigError
 from thinkpress.core.plugins import build_registry
 from thinkpress.core.store import RunStore
-from thinkpress.plugins.baseline import sft as sft_mod
-from thinkpress.plugins.baseline.sft import LoraSFT, check_truncation, count_truncated, encode_example
+from thinkpress.plugins.baseline.sft import LoraSFT
 from thinkpress.plugins.tokenskip.train import TokenSkipSFT
 from thinkpress.plugins.tokensqueeze.dpo import DPOLTrainer
+from thinkpress.toolkit import lora as sft_mod
+from thinkpress.toolkit.lora import check_truncation, count_truncated, encode_example
 
 PROMPT = "Question: what is 2 plus 3?\nAnswer:"
 SHORT = " 5."

@@ -1,6 +1,6 @@
 from thinkpress_shortest import Shortest
 
-from thinkpress.core.data import Problem, Sample
+from thinkpress.api import Problem, Sample
 
 
 def _s(pid, i, n, correct=True, finish="eos"):

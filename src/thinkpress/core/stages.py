@@ -89,6 +89,8 @@ class EvalVariant:
 
 
 class Sampler(Component):
+    """Stage 1: generates completions for the training problems and grades them."""
+
     stage = "sampler"
 
     @abstractmethod
@@ -98,6 +100,8 @@ class Sampler(Component):
 
 
 class Selector(Component):
+    """Stage 2: turns graded samples into a training set (SFT examples and/or preference pairs)."""
+
     stage = "selector"
 
     @abstractmethod
@@ -107,6 +111,8 @@ class Selector(Component):
 
 
 class Refiner(Component):
+    """Stage 3 (zero or more, in order): rewrites the reasoning in the training set."""
+
     stage = "refiner"
 
     @abstractmethod
@@ -144,6 +150,8 @@ class KVPruner(Component):
 
 
 class Trainer(Component):
+    """Stage 5: trains an adapter on the training set and may add evaluation variants."""
+
     stage = "trainer"
 
     @abstractmethod

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 import thinkpress
-from thinkpress.core.data import Example, TrainingSet
-from thinkpress.core.stages import ComponentConfig, Selector
+from thinkpress.api import ComponentConfig, Example, Selector, TrainingSet
 
 __version__ = "0.1.0"
 

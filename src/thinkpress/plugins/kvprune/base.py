@@ -30,9 +30,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from thinkpress.core.engines.base import KVPolicy
-from thinkpress.core.errors import ModelError
-from thinkpress.core.stages import ComponentConfig, KVPruner
+from thinkpress.api import ComponentConfig, KVPolicy, KVPruner, ModelError
 from thinkpress.plugins.kvprune.capture import QueryRecorder, capture_queries, check_capturable
 
 log = logging.getLogger("thinkpress")

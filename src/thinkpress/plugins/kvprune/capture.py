@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from thinkpress.core.errors import ModelError
+from thinkpress.api import ModelError
 
 _ACTIVE: list[QueryRecorder] = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from thinkpress.core.report import flips, fmt
+from thinkpress.api import flips, fmt
 
 
 def reference_name(row: dict[str, Any]) -> str:
@@ -59,7 +59,7 @@ def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> lis
 
 
 def plot_budget_curve(policy: str, rows: list[dict[str, Any]], path: Path) -> None:
-    from thinkpress.core.plots import figure
+    from thinkpress.api import figure
 
     with figure(path, 2) as (a1, a2):
         _budget_panels(a1, a2, policy, rows)

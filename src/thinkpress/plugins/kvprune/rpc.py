@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from thinkpress import hookimpl
-from thinkpress.core.engines.base import KVPolicy
+from thinkpress.api import KVPolicy
 from thinkpress.plugins.kvprune.base import KVPress, PressConfig
 from thinkpress.plugins.kvprune.snapkv import SnapKVPress
 

@@ -32,12 +32,18 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from thinkpress.core.context import StageContext
-from thinkpress.core.data import Example, TrainingSet
-from thinkpress.core.errors import ConfigError
-from thinkpress.core.scoring import TokenList, check_surfaces, validate_scorer
-from thinkpress.core.stages import ComponentConfig, TracePruner
-from thinkpress.core.store import stable_hash
+from thinkpress.api import (
+    ComponentConfig,
+    ConfigError,
+    Example,
+    StageContext,
+    TokenList,
+    TracePruner,
+    TrainingSet,
+    check_surfaces,
+    stable_hash,
+    validate_scorer,
+)
 
 _WORD = re.compile(r"\S+")
 _DIGIT = re.compile(r"\d")

@@ -21,8 +21,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from thinkpress.core.errors import ConfigError
-from thinkpress.core.scoring import ScorerOptions, TokenList, TokenScorer, surfaces_from_offsets
+from thinkpress.api import ConfigError, ScorerOptions, TokenList, TokenScorer, surfaces_from_offsets
+from thinkpress.toolkit.models import load_scoring_engine
 
 
 def token_starts(tokenizer, text: str) -> list[int]:
@@ -57,11 +57,8 @@ class CausalLMScorer(TokenScorer):
                     raise ConfigError(f"scorer {self.name!r}: no model (give options.model or run inside a stage)")
                 self._engine = self.ctx.engine
             else:
-                from thinkpress.core.engines.hf import HFEngine
-                from thinkpress.core.models import resolve_model_path
-
                 dtype = self.ctx.config.dtype if self.ctx is not None else "float32"
-                self._engine = HFEngine.from_pretrained(resolve_model_path(self.options.model), dtype=dtype)
+                self._engine = load_scoring_engine(self.options.model, dtype=dtype)
         return self._engine
 
     def score_batch(self, prompts: list[str], texts: list[str]) -> list[TokenList]:

@@ -6,11 +6,18 @@ import re
 
 from pydantic import Field
 
-from thinkpress.core.context import StageContext
-from thinkpress.core.data import Example, Problem, Sample, TrainingSet
-from thinkpress.core.engines.base import GenParams
-from thinkpress.core.stages import ComponentConfig, Sampler, Selector
-from thinkpress.plugins.baseline import sample_problems
+from thinkpress.api import (
+    ComponentConfig,
+    Example,
+    GenParams,
+    Problem,
+    Sample,
+    Sampler,
+    Selector,
+    StageContext,
+    TrainingSet,
+)
+from thinkpress.toolkit.sampling import sample_problems
 
 _ANSWER_MARKERS = (re.compile(r"\\(?:boxed|fbox)\s*\{"), re.compile(r"(?:the (?:final )?answer is|final answer\s*[:=])",
                                                                        re.I), re.compile(r"####"))

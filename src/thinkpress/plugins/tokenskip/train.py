@@ -9,12 +9,16 @@ from typing import Any
 
 from pydantic import Field
 
-from thinkpress.core.context import StageContext
-from thinkpress.core.data import TrainingSet, TrainResult
-from thinkpress.core.errors import TrainingError
-from thinkpress.core.files import atomic_write_json
-from thinkpress.core.stages import EvalVariant, Trainer
-from thinkpress.plugins.baseline.sft import SFTConfig, train_lora_sft
+from thinkpress.api import (
+    EvalVariant,
+    StageContext,
+    Trainer,
+    TrainingError,
+    TrainingSet,
+    TrainResult,
+    atomic_write_json,
+)
+from thinkpress.toolkit.lora import SFTConfig, train_lora_sft
 
 TAGS_FILE = "ratio_tags.json"
 
@@ -60,7 +64,7 @@ def controllability(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_ratio(rows: list[dict[str, Any]], path: Path) -> None:
-    from thinkpress.core.plots import figure
+    from thinkpress.api import figure
 
     with figure(path, 2) as (a1, a2):
         _ratio_panels(a1, a2, rows)

@@ -17,17 +17,17 @@ from __future__ import annotations
 from pydantic import Field
 
 from thinkpress import hookimpl
-from thinkpress.plugins.baseline import RejectionSampler
 from thinkpress.plugins.tokensqueeze.dpo import DPOLTrainer
 from thinkpress.plugins.tokensqueeze.refine import KLStepRefiner
 from thinkpress.plugins.tokensqueeze.select import SELECTORS
+from thinkpress.toolkit.sampling import GradedSampler, SamplingConfig
 
 
-class SelfSampler(RejectionSampler):
+class SelfSampler(GradedSampler):
     name = "self-sampler"
     description = "N self-samples per training problem at temperature 0.9, graded (TokenSqueeze step 1)"
 
-    class Config(RejectionSampler.Config):
+    class Config(SamplingConfig):
         n: int = Field(default=8, ge=2, description="Samples per problem (N >= 2: p = c/N needs two)")
         temperature: float = Field(default=0.9, gt=0.0, description="Sampling temperature")
         top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold")

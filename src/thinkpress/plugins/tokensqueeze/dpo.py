@@ -31,11 +31,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from thinkpress.core.context import StageContext
-from thinkpress.core.data import PreferencePair, TrainingSet, TrainResult
-from thinkpress.core.errors import TrainingError
-from thinkpress.core.stages import Trainer
-from thinkpress.plugins.baseline.sft import (
+from thinkpress.api import PreferencePair, StageContext, Trainer, TrainingError, TrainingSet, TrainResult
+from thinkpress.toolkit.lora import (
     SFTConfig,
     check_truncation,
     collate,

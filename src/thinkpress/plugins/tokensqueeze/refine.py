@@ -29,11 +29,16 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from thinkpress.core.context import StageContext
-from thinkpress.core.data import TrainingSet
-from thinkpress.core.engines.base import Engine, GenParams
-from thinkpress.core.stages import ComponentConfig, Refiner
-from thinkpress.core.store import derive_seed, stable_hash
+from thinkpress.api import (
+    ComponentConfig,
+    Engine,
+    GenParams,
+    Refiner,
+    StageContext,
+    TrainingSet,
+    derive_seed,
+    stable_hash,
+)
 from thinkpress.kernels import kl_div
 
 

@@ -24,9 +24,16 @@ from collections import Counter, defaultdict
 
 from pydantic import Field
 
-from thinkpress.core.context import StageContext
-from thinkpress.core.data import Example, PreferencePair, Problem, Sample, TrainingSet
-from thinkpress.core.stages import ComponentConfig, Selector
+from thinkpress.api import (
+    ComponentConfig,
+    Example,
+    PreferencePair,
+    Problem,
+    Sample,
+    Selector,
+    StageContext,
+    TrainingSet,
+)
 
 
 class DepthConfig(ComponentConfig):

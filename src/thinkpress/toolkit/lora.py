@@ -1,0 +1,328 @@
+"""LoRA training for methods: SFT on completion tokens only (prompt tokens masked), and a loop any loss can use.
+
+:func:`train_lora` runs the loop for a task (SFT here; TokenSqueeze's DPO-L supplies its own),
+:func:`train_lora_sft` is the whole SFT stage for a list of examples.
+
+A plain training loop rather than ``transformers.Trainer``: it runs on CPU with bf16 autocast,
+checkpoints the adapter (``adapter_last_good/``) so that a non-finite loss stops training with a
+clear error while keeping the last good weights, and reports progress through the run's UI.
+Before the model is loaded (only its tokenizer), :func:`check_truncation` counts the examples (or pairs)
+that ``max_length`` would cut, records the count in the stage's stats and refuses to train when
+more than 5% would be cut.
+Several GPUs: launch ``thinkpress run`` under ``accelerate launch``; the loop uses ``Accelerator``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import Field
+
+from thinkpress.core.context import StageContext
+from thinkpress.core.data import Example, PreferencePair, TrainResult
+from thinkpress.core.errors import ConfigError, TrainingError
+from thinkpress.core.files import atomic_dir
+from thinkpress.core.stages import ComponentConfig
+
+ALL_LINEAR = "all-linear"
+
+
+class SFTConfig(ComponentConfig):
+    rank: int = Field(default=8, ge=1, description="LoRA rank r")
+    alpha: int = Field(default=16, ge=1, description="LoRA alpha")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field(default=ALL_LINEAR,
+                                                              description="Modules to adapt ('all-linear' or names)")
+    lr: float = Field(default=1e-4, gt=0.0, description="Peak learning rate")
+    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the training set (fractions allowed)")
+    batch_size: int = Field(default=4, ge=1, description="Examples per micro-batch")
+    grad_accum: int = Field(default=2, ge=1, description="Micro-batches per optimizer step")
+    max_length: int = Field(default=512, ge=8, description="Cut prompt+completion(+EOS) to this many tokens; the "
+                            "cut examples are counted (stats truncated_examples) and training refuses to start "
+                            "when more than 5% would be cut")
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Linear warmup fraction of the steps")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="LR schedule after warmup")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm")
+    autocast_bf16: bool = Field(default=True, description="bf16 autocast (weights stay fp32)")
+    save_every: int = Field(default=10, ge=1, description="Checkpoint the adapter every N optimizer steps")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward "
+                                         "(less memory, more time; see docs/baseline.md)")
+
+
+def encode_example(tok, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]] | None:
+    """Token ids and labels (prompt masked with -100), cut to ``max_length``; None when the prompt leaves no room.
+
+    The cut is silent here: trainers count it first with :func:`check_truncation`.
+    """
+    p = tok(prompt, add_special_tokens=False).input_ids
+    c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = (p + c)[:max_length]
+    labels = ([-100] * len(p) + c)[:max_length]
+    if all(x == -100 for x in labels):
+        return None
+    return ids, labels
+
+
+MAX_CUT_PERCENT = 5
+"""Training refuses to start when more than this share of the examples (or pairs) ``max_length`` would cut."""
+
+
+@dataclass(frozen=True)
+class TruncationCount:
+    """How many of ``total`` examples (or pairs) ``max_length`` cuts, and the longest sequence in tokens."""
+
+    unit: str
+    total: int
+    cut: int
+    longest: int
+    max_length: int
+
+    @property
+    def percent(self) -> float:
+        return 100 * self.cut / self.total if self.total else 0.0
+
+    @property
+    def too_many(self) -> bool:
+        return self.cut * 100 > MAX_CUT_PERCENT * self.total  # integers: exactly 5% is allowed
+
+
+def count_truncated(tok, items: Sequence[Example] | Sequence[PreferencePair], max_length: int) -> TruncationCount:
+    """Count the items :func:`encode_example` would cut: prompt + completion + EOS longer than ``max_length``.
+
+    A preference pair counts once, when its chosen or its rejected answer is cut.
+    """
+    pairs = bool(items) and isinstance(items[0], PreferencePair)
+    lengths = []
+    if items:  # tokenized in two batched calls, the same way as encode_example (prompt and completion apart)
+        per_item = 2 if pairs else 1
+        texts = [t for x in items for t in ((x.chosen, x.rejected) if pairs else (x.completion,))]
+        n_prompt = [len(ids) for ids in tok([x.prompt for x in items], add_special_tokens=False).input_ids]
+        n_comp = [len(ids) + 1 for ids in tok(texts, add_special_tokens=False).input_ids]  # + EOS
+        lengths = [n + max(n_comp[i * per_item:(i + 1) * per_item]) for i, n in enumerate(n_prompt)]
+    return TruncationCount(unit="pairs" if pairs else "examples", total=len(items),
+                           cut=sum(n > max_length for n in lengths), longest=max(lengths, default=0),
+                           max_length=max_length)
+
+
+def check_truncation(tok, items: Sequence[Example] | Sequence[PreferencePair], cfg: SFTConfig, *, component: str,
+                     ctx: StageContext | None = None) -> TruncationCount:
+    """Count what ``cfg.max_length`` cuts; record it in ``ctx.stats`` (``examples``/``truncated_examples``, or
+    ``pairs``/``truncated_pairs``) and the log, and raise :class:`ConfigError` when more than 5% would be cut.
+
+    Call it before training (and before loading the model): it needs only the tokenizer.
+    """
+    t = count_truncated(tok, items, cfg.max_length)
+    key = f"components.{component}.max_length={t.max_length}"
+    if ctx is not None:
+        ctx.stats.update({t.unit: t.total, f"truncated_{t.unit}": t.cut})
+    if t.too_many:
+        raise ConfigError(
+            f"{key} would cut {t.cut} of {t.total} {t.unit} ({t.percent:.3g}%; at most {MAX_CUT_PERCENT}% may be "
+            f"cut); raise it (the longest prompt+completion is {t.longest} tokens) or train on shorter completions "
+            "(e.g. a lower max_new_tokens for the sampler)"
+        )
+    if ctx is not None:
+        what = (f"cuts {t.cut} of {t.total} {t.unit} ({t.percent:.3g}%, within the {MAX_CUT_PERCENT}% allowed)"
+                if t.cut else f"cuts none of the {t.total} {t.unit}")
+        ctx.log(f"max_length={t.max_length} {what}; the longest prompt+completion is {t.longest} tokens")
+    return t
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    T = max(len(x) for x, _ in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for r, (x, y) in enumerate(batch):
+        ids[r, : len(x)] = torch.tensor(x)
+        labels[r, : len(y)] = torch.tensor(y)
+        mask[r, : len(x)] = 1
+    return ids, labels, mask
+
+
+def completion_logits(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """Logits at the completion positions only, and their targets (-100 where a row has none).
+
+    ``logits_to_keep`` takes the positions whose next token is a target in some row, so the
+    [batch, positions, vocab] logits (1.2 GB in fp32 for 4 x 512 tokens of a 152k vocabulary) are not
+    built over prompt tokens. The call still goes through ``model(...)`` (DDP-safe).
+    """
+    tgt = labels[:, 1:]
+    cols = (tgt != -100).any(dim=0).nonzero().squeeze(1)
+    return model(input_ids=ids, attention_mask=mask, logits_to_keep=cols).logits, tgt[:, cols]
+
+
+def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the completion tokens."""
+    logits, t = completion_logits(model, ids, mask, labels)
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), t.reshape(-1),
+                                             ignore_index=-100)
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        prog = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1.0 - prog) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+    return f
+
+
+def load_tokenizer(ctx: StageContext):
+    """The run model's tokenizer; cheap, so checks can run before the model loads."""
+    from thinkpress.core.models import load_tokenizer as load
+    from thinkpress.core.models import resolve_model_path
+
+    return load(resolve_model_path(ctx.config.model), trust_remote_code=ctx.config.trust_remote_code)
+
+
+def load_trainable(ctx: StageContext, cfg: SFTConfig):
+    """The base model in fp32 with a fresh LoRA adapter, and its tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    from thinkpress.core.models import load_causal_lm, resolve_model_path
+
+    model, tok = load_causal_lm(resolve_model_path(ctx.config.model), dtype="float32", device="cpu",
+                                trust_remote_code=ctx.config.trust_remote_code)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                      task_type="CAUSAL_LM")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lcfg), tok
+
+
+class LoraTask(Protocol):
+    """What :func:`train_lora` trains on: a list of encoded items and the loss of a micro-batch of them."""
+
+    def __len__(self) -> int: ...
+
+    def loss(self, model, idx: list[int], device) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of the items ``idx`` (a scalar with grad) and numbers to log (averaged per epoch)."""
+        ...
+
+
+class SFTTask:
+    def __init__(self, examples: list[Example], tok, cfg: SFTConfig):
+        self.items = [e for e in (encode_example(tok, x.prompt, x.completion, cfg.max_length) for x in examples) if e]
+        self.pad_id = tok.pad_token_id
+        if not self.items:
+            raise TrainingError(f"every example's prompt is longer than max_length={cfg.max_length}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def loss(self, model, idx, device):
+        ids, labels, mask = (t.to(device) for t in collate([self.items[i] for i in idx], self.pad_id))
+        return completion_loss(model, ids, mask, labels), {}
+
+
+def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
+               make_task: Callable[[Any, Any, Any], LoraTask]) -> TrainResult:
+    """The LoRA training loop shared by the trainers; the adapter is saved in ``out_dir / "adapter"``.
+
+    ``make_task(model, tokenizer, accelerator)`` encodes the data (and may run the model once, e.g.
+    for DPO's reference log-probs) after the model is loaded and before the first step.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    torch.manual_seed(ctx.seed)
+    model, tok = load_trainable(ctx, cfg)
+    precision = "bf16" if cfg.autocast_bf16 else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        # A second training in the same process (ablation grids, tests) with another precision:
+        # accelerate refuses to change its process-wide state, so reset it (not the distributed part).
+        AcceleratorState._reset_state()
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
+                      mixed_precision=precision)
+    model = acc.prepare(model)
+    task = make_task(model, tok, acc)
+    micro_per_epoch = math.ceil(len(task) / cfg.batch_size)
+    # whole optimizer steps: a trailing partial accumulation would be computed and then dropped
+    total_steps = max(1, math.ceil(math.ceil(micro_per_epoch * cfg.epochs) / cfg.grad_accum))
+    total_micro = total_steps * cfg.grad_accum
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps),
+                                                             cfg.scheduler))
+    opt, sched = acc.prepare(opt, sched)
+    model.train()
+    good_dir, final_dir = out_dir / "adapter_last_good", out_dir / "adapter"
+
+    def save(dest: Path, step: int) -> None:
+        with atomic_dir(dest) as tmp:
+            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            (tmp / "step.json").write_text(json.dumps({"step": step}))
+
+    save(good_dir, 0)
+    rng = random.Random(ctx.seed)
+    losses: list[float] = []
+    logs: list[dict[str, float]] = []
+    step, micro, t0 = 0, 0, time.perf_counter()
+    order: list[int] = []
+    with ctx.ui.progress(f"training ({total_steps} steps)", total_steps) as advance:
+        while micro < total_micro:
+            if not order:
+                order = list(range(len(task)))
+                rng.shuffle(order)
+            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+            with acc.accumulate(model), acc.autocast():
+                loss, extra = task.loss(model, idx, acc.device)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite training loss ({loss.item()}) at optimizer step {step}, micro-batch {micro}; "
+                        f"stopped. The last good adapter is kept in {good_dir}. Lower the learning rate "
+                        f"(components.<trainer>.lr, now {cfg.lr}) or check the data."
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            losses.append(loss.item())
+            logs.append(extra)
+            micro += 1
+            if acc.sync_gradients:
+                step += 1
+                advance(1)
+                if step % cfg.save_every == 0:
+                    save(good_dir, step)
+    wall = time.perf_counter() - t0
+    save(final_dir, step)
+    last = slice(-micro_per_epoch, None)
+    metrics = {
+        getattr(task, "unit", "examples"): len(task), "steps": step, "micro_batches": micro, "wall_s": wall,
+        "s_per_step": wall / max(1, step), "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_mean_last_epoch": sum(losses[last]) / len(losses[last]),
+    }
+    for k in sorted({k for d in logs for k in d}):
+        vals = [d[k] for d in logs[last] if k in d]
+        if vals:
+            metrics[f"{k}_mean_last_epoch"] = sum(vals) / len(vals)
+    ctx.stats.update(metrics)
+    ctx.log(f"trained {step} steps in {wall:.0f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return TrainResult(adapter_path=str(final_dir), metrics=metrics)
+
+
+def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
+                   component: str = "lora-sft") -> TrainResult:
+    """LoRA SFT on ``examples`` (completion tokens only); ``component`` names the trainer in config errors."""
+    if not examples:
+        raise TrainingError("no training examples: every sample was filtered out (see the selector's counts)")
+    check_truncation(load_tokenizer(ctx), examples, cfg, component=component, ctx=ctx)
+    return train_lora(ctx, cfg, out_dir=out_dir, make_task=lambda model, tok, acc: SFTTask(examples, tok, cfg))
