@@ -60,3 +60,41 @@ def test_every_public_name_is_documented():
     assert not no_docstring, f"no docstring: {no_docstring}"
     assert len(set(api.__all__)) == len(api.__all__)
     assert all(hasattr(api, n) for n in api.__all__)
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of the string literals in ``path`` that are not docstrings (f-string parts included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+        # attribute docstrings: a bare string right after an assignment
+        body = getattr(node, "body", None)
+        for prev, stmt in zip(body, body[1:], strict=False) if isinstance(body, list) else []:
+            if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(
+                    prev, ast.Assign | ast.AnnAssign):
+                docs.add(id(stmt.value))
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_the_core_names_no_built_in_method():
+    """Presets, bundles and fallbacks come from the plugins' hooks: no method or component name in core code."""
+    import re
+
+    from thinkpress.core.plugins import build_registry
+    from thinkpress.plugins import BUILTIN_PLUGINS
+
+    reg = build_registry(load_entry_points=False)
+    names = {n for n in BUILTIN_PLUGINS if n != "core"} | set(reg.bundles)
+    names |= {n for stage in reg.components.values() for n, e in stage.items() if e.plugin in BUILTIN_PLUGINS}
+    assert {"baseline", "tokensqueeze", "rkv", "kvprune", "lora-sft", "q-dyn"} <= names  # the scan is not empty
+    alternatives = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
+    pattern = re.compile(r"(?<![\w-])(" + alternatives + r")(?![\w-])")
+    hits = [f"{p.relative_to(ROOT)}:{n}: {m.group(1)!r} in {text!r}"
+            for p in sorted((PKG / "core").rglob("*.py")) for n, text in _string_constants(p)
+            for m in [pattern.search(text)] if m]
+    assert not hits, "\n".join(hits)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from thinkpress.core.config import PRESETS, RunConfig, build_config, parse_set
+from thinkpress.core.config import RunConfig, build_config, parse_set
 from thinkpress.core.errors import ConfigError
 from thinkpress.core.pipeline import Runner
 
@@ -12,7 +12,7 @@ def test_presets_resolve_and_precedence(tmp_path):
     f.write_text("preset: smoke\nseed: 5\ntest_data: {limit: 3}\n")
     cfg = build_config(config_file=f, overrides={"model": "smollm2-135m"}, sets=["seed=7", "eval.generation.top_p=0.5"])
     assert cfg.preset == "smoke" and cfg.seed == 7 and cfg.test_data[0].limit == 3
-    assert cfg.test_data[0].difficulty == PRESETS["smoke"]["test_data"][0]["difficulty"]  # preset value kept
+    assert cfg.test_data[0].difficulty == [1]  # the smoke preset's value is kept
     assert cfg.eval.generation.top_p == 0.5
     assert build_config().model == "qwen2.5-coder-0.5b"  # default preset = the embedded default
 
@@ -106,3 +106,42 @@ def test_schema_is_json_and_describes_fields():
     json.dumps(schema)
     assert schema["additionalProperties"] is False
     assert all("description" in p for p in schema["properties"].values())
+
+
+def test_presets_come_from_the_plugins_that_own_the_components():
+    from thinkpress.core.plugins import build_registry
+
+    reg = build_registry(load_entry_points=False)
+    owners = {p for st, p in reg.presets["default"]}
+    assert {"core", "baseline", "tokensqueeze"} <= owners
+    cfg = build_config()
+    assert cfg.plugins == ["baseline"] and cfg.fallback.trainer == "lora-sft"  # baseline's settings
+    assert cfg.components["dpo-l"]["lr"] == 5e-4  # tokensqueeze's
+    assert "tokenskip-sft" not in cfg.components  # tokenskip's apply only when it is selected
+    skip = build_config(overrides={"plugins": ["tokenskip"]})
+    assert skip.components["tokenskip-sft"]["epochs"] == 3 and skip.train_data.limit == 96
+    bundle = build_config(overrides={"plugins": ["kvprune"]})  # a bundle brings its members' settings
+    assert bundle.components["rkv"]["budgets"] == [64, 128] and bundle.components["rpc"]["period"] == 64
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; available: default, smoke"):
+        build_config(preset="huge")
+
+
+def test_a_plugin_can_declare_a_preset_and_a_bundle():
+    from thinkpress import hookimpl
+    from thinkpress.core.plugins import build_registry
+
+    class Mine:
+        @hookimpl
+        def register_presets(self, register):
+            register("tiny", {"model": "smollm2-135m", "seed": 3})
+            register("tiny", {"seed": 4}, when_selected=True)
+
+        @hookimpl
+        def register_bundles(self, register):
+            register("cheap-kv", ["streaming", "h2o"], "the two cheapest policies")
+
+    reg = build_registry(load_entry_points=False, extra_plugins={"mine": Mine()})
+    assert build_config(preset="tiny", registry=reg).seed == 3
+    assert build_config(preset="tiny", overrides={"plugins": ["mine"]}, registry=reg).seed == 4
+    assert reg.expand_plugins(["cheap-kv", "rkv", "h2o"]) == ["streaming", "h2o", "rkv"]
+    assert reg.plugins["mine"].broken is None

@@ -93,7 +93,7 @@ def test_every_hook_is_documented_and_tested():
         assert spec.__doc__ and ":param" in spec.__doc__ and ":return" in spec.__doc__, f"{name}: incomplete docstring"
         assert re.search(rf"^## `?{name}`?", doc, re.M), f"docs/plugin_hooks.md has no section for {name}"
         assert f"def test_hook_{name}" in tests_text, f"no test named test_hook_{name}"
-    assert len(HOOKS) == 10
+    assert len(HOOKS) == 12
 
 
 def test_hook_register_samplers():
@@ -242,3 +242,24 @@ def test_hook_run_stage(tmp_path):
 def test_misspelt_hook_marks_plugin_broken():
     reg = registry_with(typo=_plugin(register_sampler=lambda register: None))
     assert reg.plugins["typo"].broken and "register_sampler" in reg.plugins["typo"].broken
+
+
+def test_hook_register_presets():
+    from thinkpress.core.config import build_config
+
+    def presets(register):
+        register("default", {"components": {"my-sampler": {}}, "seed": 11})
+        register("default", {"seed": 12}, when_selected=True)
+
+    reg = registry_with(mine=_plugin(register_samplers=lambda register: register(MySampler),
+                                     register_presets=presets))
+    assert build_config(registry=reg).seed == 11  # unconditional: always
+    assert build_config(overrides={"plugins": ["mine"]}, registry=reg).seed == 12  # when selected
+    assert build_config(overrides={"plugins": ["mine"]}, sets=["seed=13"], registry=reg).seed == 13  # --set wins
+
+
+def test_hook_register_bundles():
+    reg = registry_with(mine=_plugin(register_bundles=lambda register: register("pair", ["rkv", "snapkv"], "two")))
+    assert reg.expand_plugins(["pair"]) == ["rkv", "snapkv"] and reg.bundles["pair"][2] == "mine"
+    clash = registry_with(bad=_plugin(register_bundles=lambda register: register("kvprune", ["rkv"], "again")))
+    assert "declared by both" in clash.plugins["bad"].broken and clash.bundles["kvprune"][0][0] == "streaming"

@@ -51,7 +51,7 @@ def _data_overrides(data: str | None, reg) -> dict:
 def _common_options(f):
     """Options shared by ``run`` and ``eval``."""
     opts = [
-        click.option("--preset", type=click.Choice(["smoke", "default"]), default=None,
+        click.option("--preset", default=None, metavar="NAME",
                      help="Preset (default: default)"),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
                      help="YAML config file"),
@@ -111,7 +111,7 @@ def _print_report(report: dict, cfg) -> None:
 
 
 @cli.command()
-@click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names (e.g. tokenskip,rkv)")
+@click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names (`core plugins` lists them)")
 @click.option("--data", default=None, help="Dataset name (arith, gsm8k, math500) or a JSONL file/directory")
 @_common_options
 def run(plugins, data, preset, config_file, model, sets, out, overwrite, quiet):
@@ -130,7 +130,7 @@ def run(plugins, data, preset, config_file, model, sets, out, overwrite, quiet):
 @cli.command("eval")
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="A saved LoRA adapter directory, evaluated unmerged as variant 'adapter' next to 'base'")
-@click.option("--plugins", "plugins", default=None, help="KV-policy plugins to evaluate with (e.g. rkv,snapkv)")
+@click.option("--plugins", "plugins", default=None, help="KV-policy plugins to evaluate with (see `core plugins`)")
 @click.option("--data", multiple=True, help="Test set: dataset name or JSONL file/directory (repeatable; default: "
               "the preset's test sets)")
 @_common_options
@@ -191,7 +191,7 @@ def config_schema():
 
 
 @config_group.command("show")
-@click.option("--preset", type=click.Choice(["smoke", "default"]), default=None)
+@click.option("--preset", default=None, metavar="NAME", help="Preset (declared by the plugins; default: default)")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
 @click.option("--set", "sets", multiple=True)
 def config_show(preset, config_file, sets):

@@ -1,6 +1,7 @@
 """Run configuration: one pydantic ``RunConfig``, loaded from presets, YAML, CLI flags and ``--set``.
 
-Precedence, lowest first: preset (``default`` unless ``--preset`` names another) < YAML file
+Precedence, lowest first: preset (``default`` unless ``--preset`` names another; the plugins declare
+the presets' settings through the ``register_presets`` hook) < YAML file
 (``--config``) < CLI flags (``--model``, ``--data``, ``--plugins``, ``--out``) < ``--set key.path=value``
 (values parsed as YAML scalars, so ``--set seed=3`` is an int and ``--set plugins=[a,b]`` a list).
 
@@ -15,12 +16,15 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from thinkpress.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from thinkpress.core.plugins import Registry
 
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -72,9 +76,16 @@ class StageChoice(Strict):
     pruners: list[str] | None = Field(default=None, description="Pruners (trace and KV) (default: selected plugins')")
 
 
+class StageFallback(Strict):
+    sampler: str | None = Field(default=None, description="Sampler that runs when no selected plugin provides one "
+                                "(the presets set it)")
+    selector: str | None = Field(default=None, description="Selector that runs when no selected plugin provides one")
+    trainer: str | None = Field(default=None, description="Trainer that runs when no selected plugin provides one")
+
+
 class RunConfig(Strict):
     name: str | None = Field(default=None, description="Run name (default: derived from plugins and config hash)")
-    preset: Literal["smoke", "default"] | None = Field(default=None, description="Preset the config started from")
+    preset: str | None = Field(default=None, description="Preset the config started from (plugins declare presets)")
     model: str = Field(default="qwen2.5-coder-0.5b", description="Embedded model name, local directory or Hub id")
     engine: str = Field(default="hf", description="Generation backend (hf, vllm)")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Model dtype")
@@ -86,8 +97,11 @@ class RunConfig(Strict):
         default_factory=lambda: [DataSpec(split="test")],
         description="Evaluation sets: one set or a list of sets, each evaluated for every variant with its own table "
                     "in the report; the first is the primary set (report.json's `dataset` and `variants`)")
-    plugins: list[str] = Field(default_factory=lambda: ["baseline"], description="Plugins whose components run")
+    plugins: list[str] = Field(default_factory=list, description="Plugins whose components run (default: the "
+                               "preset's)")
     stages: StageChoice = Field(default_factory=StageChoice, description="Explicit component choice per stage")
+    fallback: StageFallback = Field(default_factory=StageFallback, description="Components for the stages that no "
+                                    "selected plugin provides")
     train: bool | None = Field(default=None, description="Run the training stages (None: when a selected plugin "
                                "provides a training stage; KV pruners alone make an evaluation run)")
     components: dict[str, dict[str, Any]] = Field(
@@ -129,96 +143,6 @@ class RunConfig(Strict):
 
     def stage_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else self.run_dir().parent / ".cache"
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # SmolLM2-135M, a handful of one-step problems: the whole pipeline in about 3 minutes on 2 cores.
-    # SmolLM2 solves only ~5-10% of them and ignores the \boxed{} instruction, so the smoke preset
-    # drops the system prompt (its own default reads better) and samples 4 answers per problem.
-    "smoke": {
-        "preset": "smoke",
-        "model": "smollm2-135m",
-        "system_prompt": None,
-        "train_data": {"name": "arith", "split": "train", "limit": 16, "difficulty": [1]},
-        "test_data": [{"name": "arith", "split": "test", "limit": 16, "difficulty": [1]}],
-        "eval": {"generation": {"max_new_tokens": 128, "batch_size": 16}},
-        "components": {
-            "rejection-sampler": {"n": 4, "temperature": 0.7, "max_new_tokens": 128, "batch_size": 32},
-            "lora-sft": {"epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 256, "lr": 2e-4},
-            "self-sampler": {"n": 8, "max_new_tokens": 128, "batch_size": 64},
-            "kl-step": {"n_candidates": 8, "window": 128, "max_steps": 4, "batch_size": 64},
-            "dpo-l": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "max_length": 256, "lr": 2e-4},
-        },
-    },
-    # Qwen2.5-Coder-0.5B: the README's main job (about an hour on 2 cores with the hf engine). It is
-    # evaluated on real, human-written problems (a seeded 300 of GSM8K test, shipped with the package)
-    # next to 48 generated ones from the training generator: in-distribution numbers alone mislead.
-    # The token cap: the base model's GSM8K answers average ~290 tokens and 6% run past 512
-    # (n = 300, greedy), so 600 cuts off about 5% of them. Batch 16: the hf engine on 2 cores decoded 48
-    # GSM8K prompts x 128 tokens at 115 tokens/s at batch 16, 117 at 24, 73 at 32 and 41 at 48.
-    "default": {
-        "preset": "default",
-        "model": "qwen2.5-coder-0.5b",
-        "train_data": {"name": "arith", "split": "train", "limit": 32},
-        "test_data": [{"name": "gsm8k", "split": "test", "limit": 300, "shuffle": True},
-                      {"name": "arith", "split": "test", "limit": 48}],
-        "eval": {"generation": {"max_new_tokens": 600, "batch_size": 16}},
-        "components": {
-            "rejection-sampler": {"n": 2, "max_new_tokens": 320, "batch_size": 16},
-            "lora-sft": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "max_length": 512, "lr": 2e-4},
-            "self-sampler": {"n": 6, "max_new_tokens": 320, "batch_size": 32},
-            "kl-step": {"n_candidates": 8, "batch_size": 64},
-            "dpo-l": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "max_length": 512, "lr": 5e-4},
-        },
-    },
-}
-
-
-PLUGIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # A plugin's overlay applies on top of the preset when the plugin is selected; a config file,
-    # flags and --set still override it. Used where a method needs other data sizes than the rest.
-    "smoke": {
-        # One greedy answer per problem (SmolLM2 gets ~5% of one-step problems right): more problems.
-        "tokenskip": {
-            "train_data": {"limit": 96},
-            "components": {
-                "greedy-sampler": {"max_new_tokens": 128, "batch_size": 48},
-                "tokenskip-sft": {"epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 256, "lr": 2e-4},
-            },
-        },
-    },
-    "default": {
-        "tokenskip": {
-            "train_data": {"limit": 96},
-            # seven evaluated variants (one per gamma): smaller test sets than the preset's
-            "test_data": [{"name": "gsm8k", "split": "test", "limit": 48, "shuffle": True},
-                          {"name": "arith", "split": "test", "limit": 32}],
-            "components": {
-                "greedy-sampler": {"max_new_tokens": 320, "batch_size": 16},
-                # measured: 2 epochs at lr 2e-4 (15 steps) learned no ratio control (actual ratio 0.95-0.97
-                # at every gamma); see docs/tokenskip.md
-                "tokenskip-sft": {"epochs": 3, "batch_size": 4, "grad_accum": 2, "max_length": 512, "lr": 5e-4},
-            },
-        },
-    },
-}
-"""Per-preset, per-plugin overlays (see the comment inside)."""
-
-
-def _kv_overlays(budgets: list[int], buffer: int, rpc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """KV policies on short CPU answers: budgets (and R-KV/SnapKV's buffer, RPC's period) scaled down so
-    that the policies evict at all (a few hundred tokens per answer, against 128-token buffers and
-    1024-token periods in the papers). Streaming and H2O keep their every-step eviction."""
-    scored = ("snapkv", "rkv", "knorm", "keydiff")
-    out = {p: {"components": {p: {"budgets": budgets, "buffer": buffer}}} for p in scored}
-    out |= {p: {"components": {p: {"budgets": budgets}}} for p in ("streaming", "h2o")}
-    out["rpc"] = {"components": {"rpc": rpc}}
-    return out
-
-
-PLUGIN_PRESETS["smoke"] |= _kv_overlays([48, 96], 16, {"period": 32, "ratios": [2], "obs_window": 8, "window": 8})
-PLUGIN_PRESETS["default"] |= _kv_overlays([64, 128], 32, {"period": 64, "ratios": [2, 4], "obs_window": 16,
-                                                           "window": 16})
 
 
 SET_IDENTITY = ("name", "path", "split", "label")
@@ -334,13 +258,15 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict | None = None,
     sets: list[str] | None = None,
+    registry: Registry | None = None,
 ) -> RunConfig:
-    """Resolve a RunConfig from preset, YAML, flag overrides and ``--set`` expressions."""
-    data: dict = {}
+    """Resolve a RunConfig: the preset (as the plugins declare it), the YAML file, flags, ``--set``."""
     file_data = load_yaml(config_file) if config_file else {}
     preset = preset or file_data.get("preset") or "default"
-    if preset not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if registry is None:
+        from thinkpress.core.plugins import get_registry
+
+        registry = get_registry()
 
     def layered(base: dict) -> dict:
         data = deep_merge(base, file_data)
@@ -354,17 +280,13 @@ def build_config(
             apply_set(data, path, value)
         return data
 
-    data = layered(PRESETS[preset])
+    # The selected plugins (known only after layering) may add their own preset settings.
+    unconditional = registry.preset_settings(preset, [])
+    data = layered(unconditional)
     plugins = data.get("plugins") if isinstance(data.get("plugins"), list) else []
-    from thinkpress.core.plugins import BUILTIN_BUNDLES
-
-    members = [m for p in plugins for m in (p, *BUILTIN_BUNDLES.get(p, ()))]
-    overlays = [PLUGIN_PRESETS.get(preset, {}).get(p) for p in dict.fromkeys(members)]
-    if any(overlays):
-        base = PRESETS[preset]
-        for ov in overlays:
-            base = deep_merge(base, ov or {})
-        data = layered(base)
+    with_selected = registry.preset_settings(preset, [p for p in plugins if isinstance(p, str)])
+    if with_selected != unconditional:
+        data = layered(with_selected)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

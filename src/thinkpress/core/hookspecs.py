@@ -133,6 +133,45 @@ def register_scorers(register):
 
 
 @hookspec
+def register_presets(register):
+    """Contribute settings to named presets (``--preset NAME``).
+
+    :param register: call ``register(preset, settings, *, when_selected=False)``.
+
+        * ``preset``: the preset's name. Registering settings for a name nobody registered before
+          creates the preset (the core registers ``smoke`` and ``default``: model, data, evaluation).
+        * ``settings``: a partial run config, e.g. ``{"components": {"my-sampler": {"n": 8}}}``.
+        * ``when_selected=False``: the settings apply whenever the preset is used. Use it for the
+          settings of your own components (``components.<name>``); components that do not run ignore
+          theirs.
+        * ``when_selected=True``: the settings apply only when your plugin is selected with
+          ``--plugins`` (by name or through a bundle). Use it for what only your method needs, such
+          as other data sizes or cache budgets.
+
+        Layering, later wins: every plugin's unconditional settings (the built-in plugins', then
+        third-party plugins'), then the selected plugins' ``when_selected`` settings in
+        ``--plugins`` order, then the config file, the flags and ``--set``. Mappings merge key by
+        key; a list replaces a list.
+    :return: nothing.
+
+    A preset may also name the components that run when no selected plugin provides a stage
+    (``fallback: {sampler: ..., selector: ..., trainer: ...}``) and the plugins selected when
+    ``--plugins`` is not given (``plugins: [...]``); the ``baseline`` plugin sets both.
+    """
+
+
+@hookspec
+def register_bundles(register):
+    """Declare names that stand for several plugins in ``--plugins``.
+
+    :param register: call ``register(name, members, description)``. ``--plugins NAME`` then
+        selects every plugin in ``members`` (a list of plugin names, in order); ``core plugins``
+        lists the bundle. A bundle name must not be a plugin name of another plugin.
+    :return: nothing.
+    """
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``thinkpress`` / ``core`` command-line interface.
 

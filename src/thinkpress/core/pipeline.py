@@ -4,8 +4,8 @@ Resolution rules (``resolve_plan``):
 
 * every name in ``plugins`` must be an installed entry point or a built-in (else: error listing them);
 * a single-valued stage (sampler, selector, trainer) takes ``stages.<stage>`` if set, else the
-  default component of the one selected plugin that provides it, else ``baseline``'s; two selected
-  plugins providing it is an error naming both and how to choose;
+  default component of the one selected plugin that provides it, else ``fallback.<stage>`` (set by
+  the presets); two selected plugins providing it is an error naming both and how to choose;
 * refiners and trace pruners chain in ``--plugins`` order (or ``stages.refiners`` / ``stages.pruners``);
 * KV pruners (decode-time policies) add evaluation variants;
 * the training stages run when a selected plugin provides one of them (``train`` overrides): a run of
@@ -39,7 +39,7 @@ from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
 from thinkpress.core.evaluation import grade, kv_agreement, paired_flips, summarize, with_intervals
 from thinkpress.core.files import atomic_write_json
 from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
-from thinkpress.core.plugins import ComponentEntry, Registry, expand_plugins, get_registry, is_kv
+from thinkpress.core.plugins import ComponentEntry, Registry, get_registry, is_kv
 from thinkpress.core.stages import SINGLE_STAGES, Component, EvalVariant
 from thinkpress.core.store import RunStore, stable_hash
 
@@ -60,11 +60,13 @@ class Planned:
 
 @dataclass
 class Plan:
-    sampler: Planned
-    selector: Planned
+    """The components a run uses; the single stages are None only in a run that does not train."""
+
+    sampler: Planned | None
+    selector: Planned | None
     refiners: list[Planned]
     trace_pruners: list[Planned]
-    trainer: Planned
+    trainer: Planned | None
     kv_pruners: list[Planned]
     train: bool
     component_configs: dict[str, Any] = field(default_factory=dict)
@@ -97,14 +99,14 @@ def _instantiate(entry: ComponentEntry, cfg: RunConfig) -> Planned:
 
 def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
     reg.require_plugins(cfg.plugins)
-    plugins = expand_plugins(cfg.plugins)
+    plugins = reg.expand_plugins(cfg.plugins)
     for name in cfg.components:
         if reg.find_component(name) is None:
             known = sorted(n for s in reg.components.values() for n in s)
             raise ConfigError(f"components.{name}: no component named {name!r}; known components: {', '.join(known)}")
         _instantiate(reg.find_component(name), cfg)  # validate even if not selected
 
-    def single(stage: str) -> ComponentEntry:
+    def single(stage: str) -> ComponentEntry | None:
         explicit = getattr(cfg.stages, stage)
         if explicit:
             try:
@@ -116,11 +118,15 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
             opts = ", ".join(f"{reg.by_plugin(stage, p)[0].name!r} ({p})" for p in providers)
             raise PluginError(f"plugins {' and '.join(repr(p) for p in providers)} both provide a {stage}: {opts}. "
                               f"Choose one with --set stages.{stage}=<component name>, or drop a plugin.")
-        owner = providers[0] if providers else "baseline"
-        found = reg.by_plugin(stage, owner)
-        if not found:
-            raise PluginError(f"no {stage} available (plugin {owner!r} provides none)")
-        return found[0]
+        if providers:
+            return reg.by_plugin(stage, providers[0])[0]
+        fallback = getattr(cfg.fallback, stage)
+        if fallback is None:
+            return None
+        try:
+            return reg.component(stage, fallback)
+        except PluginError as e:
+            raise ConfigError(f"fallback.{stage}: {e}") from None
 
     def chain(stage: str, explicit: list[str] | None, want_kv: bool | None) -> list[ComponentEntry]:
         if explicit is not None:
@@ -145,12 +151,17 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
         any(not is_kv(e) for e in reg.by_plugin(stage, p)) for p in plugins for stage in TRAINING_STAGES
     ) or any(getattr(cfg.stages, s) for s in SINGLE_STAGES) or bool(cfg.stages.refiners)
     train = provides_training if cfg.train is None else cfg.train
+    singles = {stage: single(stage) for stage in SINGLE_STAGES}
+    missing = [s for s, e in singles.items() if e is None]
+    if train and missing:
+        raise ConfigError(f"no {missing[0]} to train with: no selected plugin provides one and "
+                          f"fallback.{missing[0]} is not set (choose one with --set stages.{missing[0]}=<name>)")
     plan = Plan(
-        sampler=_instantiate(single("sampler"), cfg),
-        selector=_instantiate(single("selector"), cfg),
+        sampler=_instantiate(singles["sampler"], cfg) if singles["sampler"] else None,
+        selector=_instantiate(singles["selector"], cfg) if singles["selector"] else None,
         refiners=[_instantiate(e, cfg) for e in refiners],
         trace_pruners=[_instantiate(e, cfg) for e in trace],
-        trainer=_instantiate(single("trainer"), cfg),
+        trainer=_instantiate(singles["trainer"], cfg) if singles["trainer"] else None,
         kv_pruners=[_instantiate(e, cfg) for e in kv],
         train=train,
     )

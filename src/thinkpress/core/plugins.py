@@ -27,35 +27,11 @@ from typing import Any
 import pluggy
 
 from thinkpress.core import hookspecs
-from thinkpress.core.errors import PluginError
+from thinkpress.core.config import deep_merge
+from thinkpress.core.errors import ConfigError, PluginError
 from thinkpress.core.stages import STAGE_BASES, Component, KVPruner
 
 ENTRY_POINT_GROUP = "thinkpress"
-
-BUILTIN_PLUGINS: dict[str, str] = {
-    "core": "thinkpress.core.builtins",
-    "baseline": "thinkpress.plugins.baseline",
-    "tokensqueeze": "thinkpress.plugins.tokensqueeze",
-    "tokenskip": "thinkpress.plugins.tokenskip",
-    "kvprune": "thinkpress.plugins.kvprune",
-    **{p: f"thinkpress.plugins.kvprune.{p}" for p in ("streaming", "h2o", "snapkv", "rkv", "rpc", "knorm", "keydiff")},
-}
-"""Built-in plugin name -> module. ``core`` provides the ``hf`` engine, datasets and ``run_stage``."""
-
-BUILTIN_BUNDLES: dict[str, tuple[str, ...]] = {
-    "kvprune": ("streaming", "h2o", "snapkv", "rkv", "rpc", "knorm", "keydiff"),
-}
-"""Plugin names that stand for several plugins in ``--plugins`` (``kvprune``: every KV policy)."""
-
-
-def expand_plugins(names: list[str]) -> list[str]:
-    """``--plugins`` with bundles replaced by their members (order kept, duplicates dropped)."""
-    out: list[str] = []
-    for n in names:
-        for m in BUILTIN_BUNDLES.get(n, (n,)):
-            if m not in out:
-                out.append(m)
-    return out
 
 STAGE_HOOKS = {
     "sampler": "register_samplers",
@@ -77,6 +53,7 @@ class PluginInfo:
     broken: str | None = None
     hooks: list[str] = field(default_factory=list)
     components: dict[str, list[str]] = field(default_factory=dict)  # stage -> component names
+    bundle: list[str] = field(default_factory=list)  # members, when this name is a bundle
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,7 +66,7 @@ class PluginInfo:
             "broken": self.broken,
             "hooks": self.hooks,
             "stages": self.components,
-            "bundle": list(BUILTIN_BUNDLES.get(self.name, ())),
+            "bundle": self.bundle,
         }
 
 
@@ -114,8 +91,35 @@ class Registry:
         self.engines: dict[str, tuple[Any, str]] = {}
         self.datasets: dict[str, tuple[Any, str]] = {}
         self.scorers: dict[str, tuple[Any, str]] = {}
+        self.presets: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        """preset -> (settings, plugin) that apply whenever the preset is used, in layering order."""
+        self.overlays: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        """preset -> plugin -> settings that apply only when the plugin is selected."""
+        self.bundles: dict[str, tuple[list[str], str, str]] = {}
+        """bundle name -> (member plugins, description, declaring plugin)."""
 
     # -- lookups -------------------------------------------------------------------------------
+    def expand_plugins(self, names: list[str]) -> list[str]:
+        """``--plugins`` with bundles replaced by their members (order kept, duplicates dropped)."""
+        out: list[str] = []
+        for n in names:
+            for m in self.bundles[n][0] if n in self.bundles else [n]:
+                if m not in out:
+                    out.append(m)
+        return out
+
+    def preset_settings(self, preset: str, selected: list[str]) -> dict[str, Any]:
+        """The settings of ``preset`` for a run that selects ``selected`` (see the ``register_presets`` hook)."""
+        if preset not in self.presets:
+            raise ConfigError(f"preset: unknown preset {preset!r}; available: {', '.join(sorted(self.presets))}")
+        out: dict[str, Any] = {}
+        for settings, _ in self.presets[preset]:
+            out = deep_merge(out, settings)
+        for plugin in self.expand_plugins([p for p in selected if p in self.plugins or p in self.bundles]):
+            for settings in self.overlays.get(preset, {}).get(plugin, []):
+                out = deep_merge(out, settings)
+        return out
+
     def component(self, stage: str, name: str) -> ComponentEntry:
         try:
             return self.components[stage][name]
@@ -173,6 +177,12 @@ def _entry_points() -> list[metadata.EntryPoint]:
     return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
+def _builtin_names() -> set[str]:
+    from thinkpress.plugins import BUILTIN_PLUGINS
+
+    return set(BUILTIN_PLUGINS)
+
+
 def _hooks_of(pm: pluggy.PluginManager, plugin: Any) -> list[str]:
     return sorted(h.name for h in (pm.get_hookcallers(plugin) or []))
 
@@ -195,7 +205,7 @@ def build_plugin_manager(
             dist = ep.dist.name if ep.dist is not None else None
             info = PluginInfo(name=ep.name, module=ep.value, distribution=dist, entry_point=f"{ep.name} = {ep.value}")
             infos[ep.name] = info
-            if ep.name in BUILTIN_PLUGINS:
+            if ep.name in _builtin_names():
                 info.broken = f"entry point {ep.name!r} shadows a built-in plugin name; rename it"
                 continue
             try:
@@ -223,6 +233,7 @@ def build_plugin_manager(
         info.hooks = _hooks_of(pm, obj)
 
     from thinkpress import __version__
+    from thinkpress.plugins import BUILTIN_PLUGINS
 
     for name, modname in BUILTIN_PLUGINS.items():
         mod = importlib.import_module(modname)
@@ -292,6 +303,34 @@ def build_registry(load_entry_points: bool = True, extra_plugins: dict[str, Any]
 
         _call_registration(pm, infos, reg, hook, make_register)
 
+    def make_preset_register(plugin):
+        def register(preset, settings, *, when_selected=False):
+            if not isinstance(preset, str) or not isinstance(settings, dict):
+                raise PluginError(f"register_presets: expected (preset name, settings mapping), got {preset!r}")
+            if when_selected:
+                reg.overlays.setdefault(preset, {}).setdefault(plugin, []).append(settings)
+            else:
+                reg.presets.setdefault(preset, []).append((settings, plugin))
+
+        return register
+
+    def make_bundle_register(plugin):
+        def register(name, members, description=""):
+            if name in reg.bundles:
+                other = reg.bundles[name][2]
+                raise PluginError(f"register_bundles: {name!r} declared by both {other!r} and {plugin!r}")
+            if name in infos and name != plugin:
+                raise PluginError(f"register_bundles: {name!r} is already a plugin name")
+            reg.bundles[name] = (list(members), description, plugin)
+
+        return register
+
+    _call_registration(pm, infos, reg, "register_presets", make_preset_register)
+    _call_registration(pm, infos, reg, "register_bundles", make_bundle_register)
+    for name, (members, _, _) in reg.bundles.items():
+        if name in infos:
+            infos[name].bundle = members
+
     # A plugin that broke during registration must not leave half its components behind.
     for stage in reg.components.values():
         for cname in [n for n, e in stage.items() if infos[e.plugin].broken]:
@@ -299,6 +338,13 @@ def build_registry(load_entry_points: bool = True, extra_plugins: dict[str, Any]
     for table in (reg.engines, reg.datasets, reg.scorers):
         for key in [k for k, (_, p) in table.items() if infos[p].broken]:
             del table[key]
+    for preset in reg.presets:
+        reg.presets[preset] = [(st, p) for st, p in reg.presets[preset] if not infos[p].broken]
+    for by_plugin in reg.overlays.values():
+        for p in [p for p in by_plugin if infos[p].broken]:
+            del by_plugin[p]
+    for name in [n for n, (_, _, p) in reg.bundles.items() if infos[p].broken]:
+        del reg.bundles[name]
     for info in infos.values():
         if info.broken and not info.builtin and info.name in [p[0] for p in pm.list_name_plugin()]:
             pm.unregister(name=info.name)

@@ -67,3 +67,17 @@ def register_selectors(register):
 @hookimpl
 def register_trainers(register):
     register(LoraSFT)
+
+
+@hookimpl
+def register_presets(register):
+    # RFT is what a run does when no plugin is named, and it fills the stages other plugins leave open.
+    fallback = {"sampler": RejectionSampler.name, "selector": KeepCorrect.name, "trainer": LoraSFT.name}
+    register("smoke", {"plugins": ["baseline"], "fallback": fallback, "components": {
+        "rejection-sampler": {"n": 4, "temperature": 0.7, "max_new_tokens": 128, "batch_size": 32},
+        "lora-sft": {"epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 256, "lr": 2e-4},
+    }})
+    register("default", {"plugins": ["baseline"], "fallback": fallback, "components": {
+        "rejection-sampler": {"n": 2, "max_new_tokens": 320, "batch_size": 16},
+        "lora-sft": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "max_length": 512, "lr": 2e-4},
+    }})

@@ -12,5 +12,12 @@ See :mod:`.base` for the scorer + selector + trigger machinery and the physical 
 
 from __future__ import annotations
 
+from thinkpress import hookimpl
+
 POLICIES = ("streaming", "h2o", "snapkv", "rkv", "rpc", "knorm", "keydiff")
 """Policy plugin names; each is the module ``thinkpress.plugins.kvprune.<name>``."""
+
+
+@hookimpl
+def register_bundles(register):
+    register("kvprune", list(POLICIES), "every KV-cache policy")

@@ -235,3 +235,14 @@ class KVPress(KVPruner):
         from thinkpress.plugins.kvprune.report import budget_report
 
         return budget_report(self.name, rows, out_dir)
+
+
+def register_budget_presets(register, policy: str, *, buffer: bool) -> None:
+    """The presets' budgets for a budget policy, applied when the policy is selected.
+
+    KV policies on short CPU answers: budgets (and R-KV/SnapKV's buffer) scaled down so that the
+    policies evict at all (a few hundred tokens per answer, against 128-token buffers in the papers).
+    """
+    for preset, budgets, buf in (("smoke", [48, 96], 16), ("default", [64, 128], 32)):
+        cfg: dict[str, Any] = {"budgets": budgets} | ({"buffer": buf} if buffer else {})
+        register(preset, {"components": {policy: cfg}}, when_selected=True)

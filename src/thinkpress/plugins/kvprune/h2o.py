@@ -16,7 +16,7 @@ from pydantic import Field
 
 from thinkpress import hookimpl
 from thinkpress.kernels import window_attention_mass
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
 
 
 class H2OConfig(BudgetConfig):
@@ -89,3 +89,8 @@ class H2O(KVPress):
 @hookimpl
 def register_pruners(register):
     register(H2O)
+
+
+@hookimpl
+def register_presets(register):
+    register_budget_presets(register, "h2o", buffer=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from thinkpress import hookimpl
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
 
 
 class KeyDiffPress(Press):
@@ -29,3 +29,8 @@ class KeyDiff(KVPress):
 @hookimpl
 def register_pruners(register):
     register(KeyDiff)
+
+
+@hookimpl
+def register_presets(register):
+    register_budget_presets(register, "keydiff", buffer=True)

@@ -6,7 +6,7 @@ Cheap (no attention, no queries): low-norm keys draw the most attention. Needs: 
 from __future__ import annotations
 
 from thinkpress import hookimpl
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
 
 
 class KNormPress(Press):
@@ -24,3 +24,8 @@ class KNorm(KVPress):
 @hookimpl
 def register_pruners(register):
     register(KNorm)
+
+
+@hookimpl
+def register_presets(register):
+    register_budget_presets(register, "knorm", buffer=True)

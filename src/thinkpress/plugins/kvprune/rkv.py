@@ -20,7 +20,7 @@ from pydantic import Field
 
 from thinkpress import hookimpl
 from thinkpress.kernels import key_redundancy, window_attention_mass
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
 
 
 class RKVConfig(BudgetConfig):
@@ -57,3 +57,8 @@ class RKV(KVPress):
 @hookimpl
 def register_pruners(register):
     register(RKV)
+
+
+@hookimpl
+def register_presets(register):
+    register_budget_presets(register, "rkv", buffer=True)

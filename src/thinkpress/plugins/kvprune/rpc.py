@@ -77,3 +77,12 @@ class RPC(KVPress):
 @hookimpl
 def register_pruners(register):
     register(RPC)
+
+
+@hookimpl
+def register_presets(register):
+    # RPC compresses every `period` tokens (1024 in the paper): scaled to a few-hundred-token answer.
+    register("smoke", {"components": {"rpc": {"period": 32, "ratios": [2], "obs_window": 8, "window": 8}}},
+             when_selected=True)
+    register("default", {"components": {"rpc": {"period": 64, "ratios": [2, 4], "obs_window": 16, "window": 16}}},
+             when_selected=True)

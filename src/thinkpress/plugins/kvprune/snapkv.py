@@ -16,7 +16,7 @@ from pydantic import Field
 
 from thinkpress import hookimpl
 from thinkpress.kernels import window_attention_mass
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
 
 
 class SnapKVConfig(BudgetConfig):
@@ -45,3 +45,8 @@ class SnapKV(KVPress):
 @hookimpl
 def register_pruners(register):
     register(SnapKV)
+
+
+@hookimpl
+def register_presets(register):
+    register_budget_presets(register, "snapkv", buffer=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from thinkpress import hookimpl
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
 
 
 class StreamingConfig(BudgetConfig):
@@ -33,3 +33,8 @@ class Streaming(KVPress):
 @hookimpl
 def register_pruners(register):
     register(Streaming)
+
+
+@hookimpl
+def register_presets(register):
+    register_budget_presets(register, "streaming", buffer=False)

@@ -57,3 +57,17 @@ def register_refiners(register):
 @hookimpl
 def register_trainers(register):
     register(DPOLTrainer)
+
+
+@hookimpl
+def register_presets(register):
+    register("smoke", {"components": {
+        "self-sampler": {"n": 8, "max_new_tokens": 128, "batch_size": 64},
+        "kl-step": {"n_candidates": 8, "window": 128, "max_steps": 4, "batch_size": 64},
+        "dpo-l": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "max_length": 256, "lr": 2e-4},
+    }})
+    register("default", {"components": {
+        "self-sampler": {"n": 6, "max_new_tokens": 320, "batch_size": 32},
+        "kl-step": {"n_candidates": 8, "batch_size": 64},
+        "dpo-l": {"epochs": 1, "batch_size": 2, "grad_accum": 2, "max_length": 512, "lr": 5e-4},
+    }})
