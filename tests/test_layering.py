@@ -98,3 +98,51 @@ def test_the_core_names_no_built_in_method():
             for p in sorted((PKG / "core").rglob("*.py")) for n, text in _string_constants(p)
             for m in [pattern.search(text)] if m]
     assert not hits, "\n".join(hits)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_time_edges() -> dict[str, set[str]]:
+    """Module -> the thinkpress modules it imports when it is imported (top level, not TYPE_CHECKING)."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        out = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            for sub in ast.walk(node) if isinstance(node, ast.Import | ast.ImportFrom | ast.Try | ast.If) else []:
+                targets = []
+                if isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0:
+                    targets = [sub.module] + [f"{sub.module}.{a.name}" for a in sub.names]
+                elif isinstance(sub, ast.Import):
+                    targets = [a.name for a in sub.names]
+                out |= {t for t in targets if t in modules and t != name}
+        # a package's __init__ importing its own submodules is not a cycle: drop submodule -> parent edges
+        edges[name] = {t for t in out if not name.startswith(t + ".")}
+    return edges
+
+
+def test_no_import_cycles():
+    edges = _import_time_edges()
+    assert "thinkpress.core.runner" in edges and "thinkpress.core.planning" in edges["thinkpress.core.runner"]
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges.get(m, ())):
+            if state.get(n) == 1:
+                cycles.append(" -> ".join(stack[stack.index(n):] + [n]))
+            elif n not in state:
+                visit(n, [*stack, n])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "\n".join(cycles)

@@ -4,7 +4,7 @@ import pytest
 
 from thinkpress.core.config import RunConfig, build_config, parse_set
 from thinkpress.core.errors import ConfigError
-from thinkpress.core.pipeline import Runner
+from thinkpress.core.runner import Runner
 
 
 def test_presets_resolve_and_precedence(tmp_path):

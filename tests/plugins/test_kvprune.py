@@ -25,7 +25,7 @@ from thinkpress.core.engines.base import GenParams, KVPolicy
 from thinkpress.core.engines.hf import HFEngine
 from thinkpress.core.errors import ConfigError, ModelError, PluginError
 from thinkpress.core.evaluation import kv_agreement
-from thinkpress.core.pipeline import resolve_plan
+from thinkpress.core.planning import resolve_plan
 from thinkpress.core.plugins import build_registry
 from thinkpress.plugins.kvprune.capture import QueryRecorder, capture_queries
 

@@ -16,7 +16,7 @@ from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Example, Problem, Sample, TrainingSet
 from thinkpress.core.engines.hf import HFEngine
 from thinkpress.core.errors import ConfigError, TrainingError
-from thinkpress.core.pipeline import resolve_plan
+from thinkpress.core.planning import resolve_plan
 from thinkpress.core.plugins import build_registry
 from thinkpress.core.scoring import TokenScorer, check_surfaces, surfaces_from_offsets
 from thinkpress.core.store import RunStore

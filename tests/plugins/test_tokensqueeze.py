@@ -15,8 +15,8 @@ from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Example, PreferencePair, Problem, Sample, TrainingSet
 from thinkpress.core.engines.hf import HFEngine
 from thinkpress.core.errors import ConfigError, TrainingError
-from thinkpress.core.pipeline import Runner
 from thinkpress.core.plugins import build_registry
+from thinkpress.core.runner import Runner
 from thinkpress.core.store import RunStore
 from thinkpress.plugins.tokensqueeze.dpo import DPOLConfig, DPOLTrainer, DPOTask, completion_logps, dpo_l_loss
 from thinkpress.plugins.tokensqueeze.refine import KLStepConfig, KLStepRefiner, split_steps, window_kl

@@ -70,7 +70,7 @@ def _common_options(f):
 def _execute(overrides: dict, preset, config_file, sets, overwrite, quiet) -> None:
     from thinkpress.core.config import build_config
     from thinkpress.core.context import UI
-    from thinkpress.core.pipeline import Runner
+    from thinkpress.core.runner import Runner
 
     try:
         cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets))

@@ -3,7 +3,7 @@
 A plugin is a module (or object) with functions decorated with :data:`thinkpress.hookimpl` whose
 names match the specs below. Third-party plugins are found through the ``thinkpress`` entry-point
 group; built-in plugins are registered after them. pluggy is used to *discover and register*
-components; the pipeline (``thinkpress.core.pipeline``), not pluggy, runs the stages in order.
+components; the runner (``thinkpress.core.runner``), not pluggy, runs the stages in order.
 
 Registration hooks receive a ``register`` callable. The plugin manager calls each plugin's
 implementation separately, so every registered component is recorded with the plugin that

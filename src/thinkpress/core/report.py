@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from thinkpress.core.files import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from thinkpress.core.pipeline import Runner
+    from thinkpress.core.runner import Runner
 
 CONTRACT_KEYS = ("name", "params", "n", "accuracy", "mean_tokens", "mean_tokens_correct", "p50_tokens", "p90_tokens",
                  "truncation_rate", "latency_s", "decode_tokens_per_s", "peak_kv_bytes")

@@ -1,0 +1,127 @@
+"""Stage execution: each training stage through the ``run_stage`` hook, cached under a content key.
+
+A stage's key hashes the stage, the component and its config, the keys of its inputs, the model
+identity, the seed, the system prompt and the dtype. A finished stage (``meta.json`` written last)
+is loaded instead of recomputed; long stages resume from their journal (see :mod:`.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from thinkpress.core.config import RunConfig
+from thinkpress.core.context import UI, RunState, StageContext
+from thinkpress.core.data import (
+    Example,
+    PreferencePair,
+    Problem,
+    Sample,
+    TrainingSet,
+    TrainResult,
+    read_jsonl,
+    write_jsonl,
+)
+from thinkpress.core.errors import PluginError, ThinkpressError
+from thinkpress.core.files import atomic_write_json
+from thinkpress.core.manifest import peak_rss_mb
+from thinkpress.core.planning import Plan, Planned
+from thinkpress.core.plugins import Registry
+from thinkpress.core.store import RunStore, stable_hash
+
+
+class StageExecutor:
+    """Runs the training stages of a plan: sampler, selector, refiners, trace pruners, trainer."""
+
+    def __init__(self, cfg: RunConfig, reg: Registry, store: RunStore, state: RunState, ui: UI, model_id: str):
+        self.cfg, self.reg, self.store, self.state, self.ui, self.model_id = cfg, reg, store, state, ui, model_id
+        self.stage_info: dict[str, Any] = {}
+        """Per stage label: component, plugin, key, wall time, cached, stats (for the report)."""
+
+    def run_stage(self, index: int, stage: str, planned: Planned, inputs: dict,
+                  input_keys: list[str]) -> tuple[Any, str]:
+        """Run (or load from the cache) one stage; returns its output and its cache key."""
+        comp = planned.instance
+        key = stable_hash(stage, planned.name, comp.config.model_dump(mode="json"), input_keys, self.model_id,
+                          self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype)
+        path = self.store.stage_cache(key)
+        label = f"{index}-{stage}-{planned.name}"
+        ctx = StageContext(run=self.state, stage=stage, component=planned.name, workdir=path, key=key)
+        if self.store.is_complete(path):
+            self.ui.info(f"[{stage}:{planned.name}] cached ({key[:12]})")
+            meta = json.loads((path / "meta.json").read_text())
+            result = self._load_output(stage, path)
+            meta["cached"] = True
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            result = self.reg.pm.hook.run_stage(stage=stage, component=comp, inputs=inputs, ctx=ctx)
+            if result is None:
+                raise PluginError(f"run_stage returned nothing for {stage} {planned.name!r}")
+            wall = time.perf_counter() - t0
+            self._save_output(stage, path, result)
+            meta = {"stage": stage, "component": planned.name, "plugin": planned.entry.plugin, "key": key,
+                    "inputs": input_keys, "config": comp.config.model_dump(mode="json"), "wall_s": wall,
+                    "peak_rss_mb_process": peak_rss_mb(), "stats": ctx.stats, "cached": False}
+            atomic_write_json(path / "meta.json", meta)  # the completion marker: written last
+        self.store.publish_stage(path, label)
+        self.stage_info[label] = {k: meta.get(k) for k in ("component", "plugin", "key", "wall_s", "cached", "stats")}
+        return result, key
+
+    @staticmethod
+    def _save_output(stage: str, path: Path, result: Any) -> None:
+        if stage == "sampler":
+            write_jsonl(path / "samples.jsonl", result)
+        elif stage == "trainer":
+            res = result.model_copy()
+            if res.adapter_path and Path(res.adapter_path).is_relative_to(path):
+                res.adapter_path = str(Path(res.adapter_path).relative_to(path))
+            atomic_write_json(path / "result.json", res.model_dump(mode="json"))
+        else:
+            if not isinstance(result, TrainingSet):
+                raise PluginError(f"{stage} must return a TrainingSet, got {type(result).__name__}")
+            write_jsonl(path / "examples.jsonl", result.examples)
+            write_jsonl(path / "pairs.jsonl", result.pairs)
+
+    @staticmethod
+    def _load_output(stage: str, path: Path) -> Any:
+        if stage == "sampler":
+            return read_jsonl(path / "samples.jsonl", Sample)
+        if stage == "trainer":
+            return TrainResult.model_validate(json.loads((path / "result.json").read_text()))
+        return TrainingSet(examples=read_jsonl(path / "examples.jsonl", Example),
+                           pairs=read_jsonl(path / "pairs.jsonl", PreferencePair))
+
+    def adapter_path(self, result: TrainResult, key: str) -> str | None:
+        """The absolute directory of a trainer's adapter (stored relative to its stage cache)."""
+        if not result.adapter_path:
+            return None
+        p = Path(result.adapter_path)
+        return str(p if p.is_absolute() else self.store.stage_cache(key) / p)
+
+    def train(self, p: Plan, train_problems: list[Problem]) -> tuple[TrainResult | None, str | None, Planned | None]:
+        """Run the training stages; returns the trainer's result, its stage key and the trainer."""
+        if not p.train:
+            return None, None, None
+        data_key = stable_hash([x.model_dump(mode="json") for x in train_problems])
+        samples, k = self.run_stage(1, "sampler", p.sampler, {"problems": train_problems}, [data_key])
+        data, k = self.run_stage(2, "selector", p.selector, {"samples": samples, "problems": train_problems}, [k])
+        i = 3
+        for r in p.refiners:
+            data, k = self.run_stage(i, "refiner", r, {"data": data}, [k])
+            i += 1
+        for r in p.trace_pruners:
+            data, k = self.run_stage(i, "pruner", r, {"data": data}, [k])
+            i += 1
+        if not data.examples and not data.pairs:
+            counts = {k: v for k, v in self.stage_info.get(f"2-selector-{p.selector.name}", {}).get("stats", {}).items()
+                      if isinstance(v, int | float)}
+            raise ThinkpressError(
+                f"the training set is empty after selection by {p.selector.name!r} ({counts}): no correct samples, "
+                "none kept, or (preference selectors) every problem all-correct or all-wrong. The finished stages "
+                "are cached. Use more or harder problems (train_data.limit), more samples or a stronger model."
+            )
+        result, k = self.run_stage(i, "trainer", p.trainer, {"data": data}, [k])
+        return result, k, p.trainer
