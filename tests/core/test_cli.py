@@ -88,3 +88,17 @@ def test_ui_messages_and_errors_keep_square_brackets():
     r = run_cli(["config", "show", "--set", "stages.refiners=[no-such-refiner]", "--set", "plugins=[baseline]",
                  "--set", "seed=[1]"])
     assert r.returncode != 0 and "seed" in r.stderr and "[1]" in r.stderr
+
+
+def test_plan_prints_each_stage_with_its_plugin_and_config_and_runs_nothing(tmp_path):
+    res = run_cli(["plan", "--plugins", "tokensqueeze,rkv", "--set", "components.kl-step.epsilon=0.01", "--json"])
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    steps = [(s["stage"], s["component"], s["plugin"]) for s in plan["steps"]]
+    assert steps == [("sampler", "self-sampler", "tokensqueeze"), ("selector", "q-dyn", "tokensqueeze"),
+                     ("refiner", "kl-step", "tokensqueeze"), ("trainer", "dpo-l", "tokensqueeze"),
+                     ("kv pruner", "rkv", "rkv")]
+    assert plan["steps"][2]["config"]["epsilon"] == 0.01 and plan["steps"][4]["config"]["budgets"] == [64, 128]
+    assert [t["name"] for t in plan["test_sets"]] == ["gsm8k", "arith"]
+    res = run_cli(["plan", "--plugins", "nope"])
+    assert res.returncode == 2 and "unknown plugin 'nope'" in res.stderr

@@ -204,6 +204,42 @@ def config_show(preset, config_file, sets):
         _fail(e)
 
 
+@cli.command("plan")
+@click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names")
+@click.option("--preset", default=None, metavar="NAME", help="Preset (declared by the plugins; default: default)")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
+@click.option("--set", "sets", multiple=True)
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(plugins, preset, config_file, sets, as_json):
+    """Print what `core run` would do (components per stage and their plugins, configs, test sets); run nothing."""
+    from thinkpress.core.config import build_config
+    from thinkpress.core.planning import resolve_plan
+    from thinkpress.core.plugins import get_registry
+
+    try:
+        reg = get_registry()
+        overrides = {"plugins": [p.strip() for p in plugins.split(",") if p.strip()]} if plugins else {}
+        cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets), registry=reg)
+        plan = resolve_plan(cfg, reg)
+    except ThinkpressError as e:
+        _fail(e)
+    steps = [(stage, p) for stage, p in plan.steps()]
+    if as_json:
+        click.echo(json.dumps({"train": plan.train, "steps": [
+            {"stage": s, "component": p.name, "plugin": p.entry.plugin,
+             "config": p.instance.config.model_dump(mode="json")} for s, p in steps],
+            "test_sets": [d.model_dump(mode="json") for d in cfg.test_data]}, indent=2))
+        return
+    click.echo(f"model {cfg.model}, preset {cfg.preset}, plugins {', '.join(cfg.plugins) or '-'}")
+    for stage, p in steps:
+        conf = ", ".join(f"{k}={v}" for k, v in p.instance.config.model_dump(mode="json").items())
+        click.echo(f"  {stage:<10} {p.name} ({p.entry.plugin}): {conf}")
+    if not plan.train:
+        click.echo("  (no training stages: an evaluation run)")
+    for d in cfg.test_data:
+        click.echo(f"  test set   {d.display_name()} ({d.split}, limit {d.limit})")
+
+
 @cli.group("models", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context

@@ -64,6 +64,15 @@ class Plan:
         train = [self.sampler, self.selector, *self.refiners, *self.trace_pruners, self.trainer] if self.train else []
         return train + self.kv_pruners
 
+    def steps(self) -> list[tuple[str, Planned]]:
+        """(stage, component) in the order the run uses them (KV pruners last: they act in evaluation)."""
+        out: list[tuple[str, Planned]] = []
+        if self.train:
+            out += [("sampler", self.sampler), ("selector", self.selector)]
+            out += [("refiner", r) for r in self.refiners] + [("pruner", r) for r in self.trace_pruners]
+            out.append(("trainer", self.trainer))
+        return out + [("kv pruner", p) for p in self.kv_pruners]
+
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"train": self.train}
         if self.train:
