@@ -20,7 +20,7 @@ from thinkpress.core.data import (
     read_jsonl,
     write_jsonl,
 )
-from thinkpress.core.engines.base import Completion, Engine, GenParams, GenStats, KVPolicy
+from thinkpress.core.engines.base import Capability, Completion, Engine, GenParams, GenStats, KVPolicy
 from thinkpress.core.errors import (
     ConfigError,
     DataError,
@@ -65,7 +65,7 @@ __all__ = [
     "Component", "ComponentConfig", "Sampler", "Selector", "Refiner", "TracePruner", "Trainer", "KVPruner",
     "EvalVariant", "StageContext",
     # engines
-    "Engine", "GenParams", "Completion", "GenStats", "KVPolicy",
+    "Engine", "Capability", "GenParams", "Completion", "GenStats", "KVPolicy",
     # token scorers (TokenSkip-style importance)
     "TokenScorer", "ScorerOptions", "TokenList", "surfaces_from_offsets", "check_surfaces", "validate_scorer",
     # grading

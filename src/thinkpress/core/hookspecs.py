@@ -92,7 +92,11 @@ def register_engines(register):
     :param register: call ``register(name, factory)``; ``factory(config) -> Engine`` receives the
         resolved :class:`thinkpress.core.config.RunConfig` and returns an object implementing
         :class:`thinkpress.core.engines.base.Engine`. The built-in ``hf`` engine is registered by
-        the core. A name registered twice is an error naming both plugins.
+        the core. A name registered twice is an error naming both plugins. The factory may carry
+        ``capabilities`` (a set of :class:`~thinkpress.core.engines.base.Capability`: what the engine
+        does beyond generating; without it, generation only), checked against what the plan needs
+        before any model loads, and ``deterministic = True`` when the same inputs give the same tokens
+        on CPU (otherwise the report says run-to-run determinism is not established).
     :return: nothing.
     """
 

@@ -45,16 +45,17 @@ def manifest(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def nondeterminism(cfg: RunConfig) -> list[str]:
+def nondeterminism(cfg: RunConfig, engine_factory: Any) -> list[str]:
     """Known sources of run-to-run differences for this config (empty: same config, same numbers).
 
-    On CPU the hf engine is deterministic for a fixed thread count (greedy evaluation, per-problem
-    sampling seeds, seeded training; tested by running the smoke config twice).
+    An engine factory declares ``deterministic = True`` when the same inputs give the same tokens on
+    CPU for a fixed thread count (the hf engine: greedy evaluation, per-problem sampling seeds, seeded
+    training; tested by running the smoke config twice).
     """
     import torch
 
     notes = []
-    if cfg.engine != "hf":
+    if not getattr(engine_factory, "deterministic", False):
         notes.append(f"engine {cfg.engine!r}: run-to-run determinism not established")
     if torch.cuda.is_available() and not cfg.device.startswith("cpu"):
         notes.append("CUDA: cuBLAS/SDPA kernels and atomics can change low bits between runs, and so greedy "

@@ -164,7 +164,33 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
     )
     for planned in plan.active():
         planned.instance.check(reg)
+    check_capabilities(plan, cfg, reg)
     return plan
+
+
+def evaluation_requirements(plan: Plan, cfg: RunConfig) -> dict[str, str]:
+    """Capabilities the evaluation needs -> why (config key or stage)."""
+    if not cfg.eval.enabled:
+        return {}
+    need = {}
+    if plan.train or cfg.eval.adapter:
+        need["adapters"] = "eval.adapter" if cfg.eval.adapter else "evaluating the trained adapter"
+    if plan.kv_pruners and cfg.eval.kv_agreement:
+        need["forced_decode"] = "eval.kv_agreement (the NLL of the full-cache answers under each KV policy)"
+    return need
+
+
+def check_capabilities(plan: Plan, cfg: RunConfig, reg: Registry) -> None:
+    """Refuse a plan whose components or evaluation need what engine ``cfg.engine`` does not provide."""
+    have = reg.engine_capabilities(cfg.engine)
+    needs = [(cap, f"{stage} {p.name!r} ({p.entry.plugin})") for stage, p in plan.steps()
+             for cap in sorted(p.instance.requirements())]
+    needs += [(cap, why) for cap, why in evaluation_requirements(plan, cfg).items()]
+    for cap, who in needs:
+        if cap not in have:
+            raise ConfigError(f"engine: {cfg.engine!r} does not provide {cap!r}, which {who} needs "
+                              f"({cfg.engine!r} provides: {', '.join(sorted(have)) or 'generation only'}); "
+                              "choose another engine or drop the component")
 
 
 def load_problems(spec: DataSpec, reg: Registry, seed: int, where: str) -> tuple[list[Problem], dict]:

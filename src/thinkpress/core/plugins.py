@@ -153,6 +153,10 @@ class Registry:
             raise PluginError(f"unknown engine {name!r}; available: {', '.join(sorted(self.engines))}")
         return self.engines[name][0]
 
+    def engine_capabilities(self, name: str) -> frozenset[str]:
+        """What engine ``name`` declares it can do (its factory's ``capabilities``; none: generation only)."""
+        return frozenset(str(c) for c in getattr(self.engine(name), "capabilities", ()))
+
     def dataset(self, name: str):
         if name not in self.datasets:
             raise PluginError(f"unknown dataset {name!r}; available: {', '.join(sorted(self.datasets))}")

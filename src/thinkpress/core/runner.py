@@ -55,7 +55,7 @@ class Runner:
         self.executor = StageExecutor(cfg, self.reg, self.store, self.state, self.ui, self.model_id)
         self.evaluator = Evaluator(cfg, self.store, self.state, self.plan, self.model_id)
         self.timings: dict[str, float] = {}
-        self.nondeterminism = nondeterminism(cfg)
+        self.nondeterminism = nondeterminism(cfg, self.reg.engine(cfg.engine))
         self.report_lines: list[str] = []
         """Markdown that components add to report.md (see ``Component.report_extras``)."""
 

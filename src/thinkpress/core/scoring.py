@@ -39,6 +39,8 @@ class TokenScorer(ABC):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    run_engine_requires: ClassVar[frozenset[str]] = frozenset()
+    """Engine capabilities the scorer uses when it scores with the run's own engine (no ``model`` option)."""
 
     class Options(ScorerOptions):
         pass

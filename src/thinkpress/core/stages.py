@@ -48,6 +48,13 @@ class Component(ABC):  # noqa: B024 - the stage bases declare the abstract metho
     def __init__(self, config: ComponentConfig | None = None):
         self.config = config if config is not None else self.Config()
 
+    requires: ClassVar[frozenset[str]] = frozenset()
+    """Engine capabilities this component uses (values of :class:`~thinkpress.core.engines.base.Capability`)."""
+
+    def requirements(self) -> frozenset[str]:
+        """The engine capabilities this configured component needs (default: ``requires``)."""
+        return self.requires
+
     def check(self, registry: Any) -> None:
         """Check what the config names beyond its own keys (e.g. a scorer) before the run starts.
 
@@ -138,6 +145,7 @@ class KVPruner(Component):
 
     stage = "pruner"
     kind: ClassVar[str] = "kv"
+    requires: ClassVar[frozenset[str]] = frozenset({"kv_policy"})
 
     def variants(self) -> list[dict[str, Any]]:
         """Parameter sets to evaluate (e.g. one per budget); each becomes one evaluation variant."""

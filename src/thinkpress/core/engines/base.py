@@ -6,9 +6,30 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, ClassVar
 
 from thinkpress.core.data import FinishReason
+from thinkpress.core.errors import ModelError
+
+
+class Capability(StrEnum):
+    """What an engine can do beyond generating text (every engine generates).
+
+    An engine declares its capabilities (``Engine.capabilities``, and the factory it registers carries
+    the same set as ``factory.capabilities``), components and evaluation declare what they need, and a
+    plan that needs what the chosen engine lacks is refused before any work, naming both.
+    """
+
+    SCORING = "scoring"
+    """Teacher-forced log-probs of a given continuation: ``score``, ``token_scores``, ``iter_logits``,
+    ``context_logits``, and ``token_offsets`` (where each of the engine's tokens starts in a text)."""
+    FORCED_DECODE = "forced_decode"
+    """``forced_decode``: log-probs of given tokens fed through the decode loop (under a KV policy)."""
+    KV_POLICY = "kv_policy"
+    """``generate(kv_policy=...)`` applies a decode-time KV-cache policy that evicts entries."""
+    ADAPTERS = "adapters"
+    """``with_adapter(path)``: the same model with a saved LoRA adapter on top, unmerged."""
 
 
 @dataclass
@@ -99,11 +120,22 @@ class KVPolicy:
 ProgressFn = Callable[[int], None]
 
 
+def _lacks(engine: Engine, cap: Capability) -> ModelError:
+    return ModelError(f"engine {engine.name!r} does not provide {cap.value!r} (its capabilities: "
+                      f"{', '.join(sorted(engine.capabilities)) or 'generation only'})")
+
+
 class Engine(ABC):
-    """A generation backend. Implementations: ``hf`` (built in), ``vllm``."""
+    """A generation backend: ``chat_prompt``, ``generate`` and ``count_tokens``, plus the methods of
+    the :class:`Capability` values it declares in ``capabilities`` (the others raise ``ModelError``).
+    Implementations: ``hf`` (built in, all capabilities), ``fake`` (tests)."""
 
     name = "engine"
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
     stats: GenStats
+
+    def supports(self, cap: Capability) -> bool:
+        return cap in self.capabilities
 
     @abstractmethod
     def chat_prompt(self, question: str, system: str | None = None, suffix: str = "") -> str:
@@ -122,7 +154,12 @@ class Engine(ABC):
         progress: ProgressFn | None = None,
         logprobs: bool = False,
     ) -> list[list[Completion]]:
-        """``n`` completions for each prompt. ``seeds[i]`` seeds prompt i's samples (resume-stable)."""
+        """``n`` completions for each prompt. ``seeds[i]`` seeds prompt i's samples (resume-stable).
+
+        ``logprobs=True`` fills each completion's per-token log-probs. An engine without
+        :attr:`Capability.KV_POLICY` raises ``ModelError`` when given a ``kv_policy`` that is not the
+        keep-everything base :class:`KVPolicy`.
+        """
 
     def forced_decode(self, prompts: list[str], token_ids: list[list[int]], *, kv_policy: KVPolicy | None = None,
                       batch_size: int = 8) -> list[list[float]]:
@@ -132,13 +169,11 @@ class Engine(ABC):
         time through the decode loop, so a KV policy evicts exactly as it would while generating: the
         teacher-forced NLL of a full-cache output under a pruned cache.
         """
-        from thinkpress.core.errors import ModelError
+        raise _lacks(self, Capability.FORCED_DECODE)
 
-        raise ModelError(f"engine {self.name!r} has no decode loop to teacher-force through (use the hf engine)")
-
-    @abstractmethod
     def score(self, prompts: list[str], continuations: list[str], *, batch_size: int = 4) -> list[list[float]]:
         """Teacher-forced per-token log-probabilities of each continuation given its prompt."""
+        return [(-ts.surprisal).tolist() for ts in self.token_scores(prompts, continuations, batch_size=batch_size)]
 
     def token_scores(self, prompts: list[str], continuations: list[str], *, batch_size: int = 4) -> list[Any]:
         """Teacher-forced :class:`thinkpress.kernels.TokenScores` of each continuation's tokens.
@@ -160,9 +195,13 @@ class Engine(ABC):
             out.append(TokenScores(*cat))
         return out
 
-    @abstractmethod
     def iter_logits(self, prompt: str, continuation: str, *, chunk_size: int = 128) -> Iterator[tuple[Any, Any]]:
         """Yield ``(logits[chunk, V], target_ids[chunk])`` over the continuation's positions, in chunks."""
+        raise _lacks(self, Capability.SCORING)
+
+    def token_offsets(self, text: str) -> list[int]:
+        """Character offset where each of ``text``'s tokens starts (``text`` tokenized alone)."""
+        raise _lacks(self, Capability.SCORING)
 
     def context_logits(self, contexts: list[str], continuation: str, *, max_tokens: int | None = None,
                        chunk_size: int = 64) -> Iterator[tuple[Any, Any]]:
@@ -192,6 +231,6 @@ class Engine(ABC):
     def count_tokens(self, text: str) -> int:
         """Number of model tokens in ``text`` (no special tokens)."""
 
-    @abstractmethod
     def with_adapter(self, adapter_path: str) -> Engine:
-        """An engine for base + the LoRA adapter at ``adapter_path``."""
+        """An engine for base + the LoRA adapter at ``adapter_path`` (unmerged)."""
+        raise _lacks(self, Capability.ADAPTERS)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from thinkpress.core.engines.base import Completion, Engine, GenParams, GenStats, KVPolicy, ProgressFn
+from thinkpress.core.engines.base import Capability, Completion, Engine, GenParams, GenStats, KVPolicy, ProgressFn
 from thinkpress.core.errors import ModelError
 from thinkpress.core.models import load_causal_lm
 from thinkpress.kernels import TokenScores, token_scores
@@ -50,6 +50,7 @@ def _select_rows(cache: Any, idx: torch.Tensor) -> None:
 
 class HFEngine(Engine):
     name = "hf"
+    capabilities = frozenset(Capability)
 
     def __init__(self, model, tokenizer, *, model_path: str | None = None, system_prompt: str | None = None,
                  dtype: str = "bfloat16", device: str = "auto", trust_remote_code: bool = False):
@@ -88,6 +89,12 @@ class HFEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def token_offsets(self, text: str) -> list[int]:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ModelError(f"character offsets need a fast (Rust) tokenizer; {type(self.tokenizer).__name__} is not")
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [a for a, _ in enc["offset_mapping"]]
 
     def _encode(self, text: str) -> list[int]:
         # Chat-templated prompts already hold their special tokens.
@@ -372,3 +379,7 @@ def build_hf_engine(config) -> HFEngine:
     path = resolve_model_path(config.model)
     return HFEngine.from_pretrained(path, system_prompt=config.system_prompt, dtype=config.dtype,
                                     device=config.device, trust_remote_code=config.trust_remote_code)
+
+
+build_hf_engine.capabilities = HFEngine.capabilities
+build_hf_engine.deterministic = True

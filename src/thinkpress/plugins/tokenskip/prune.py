@@ -190,6 +190,13 @@ class TokenSkipPruner(TracePruner):
             raise ConfigError(f"components.{self.name}.scorer: unknown scorer {c.scorer!r}; "
                               f"available: {', '.join(sorted(registry.scorers))}")
         validate_scorer(registry.scorer(c.scorer), c.scorer, c.scorer_options, f"components.{self.name}.scorer_options")
+        own_model = c.scorer_options.get("model") is not None
+        self._engine_needs = frozenset() if own_model else getattr(registry.scorer(c.scorer), "run_engine_requires",
+                                                                   frozenset())
+
+    def requirements(self) -> frozenset[str]:
+        """What the scorer needs from the run's engine (nothing when it loads its own model)."""
+        return getattr(self, "_engine_needs", frozenset())
 
     def all_gammas(self) -> list[float]:
         return ([1.0] if self.config.include_full and 1.0 not in self.config.gammas else []) + list(self.config.gammas)

@@ -21,23 +21,15 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from thinkpress.api import ConfigError, ScorerOptions, TokenList, TokenScorer, surfaces_from_offsets
+from thinkpress.api import ConfigError, ModelError, ScorerOptions, TokenList, TokenScorer, surfaces_from_offsets
 from thinkpress.toolkit.models import load_scoring_engine
-
-
-def token_starts(tokenizer, text: str) -> list[int]:
-    """Start offset of each token of ``text`` (tokenized alone, no special tokens)."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("token scorers need a fast (Rust) tokenizer for character offsets; "
-                          f"{type(tokenizer).__name__} has none")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [a for a, _ in enc["offset_mapping"]]
 
 
 class CausalLMScorer(TokenScorer):
     """Scores from one teacher-forced pass of a causal LM over ``prompt + text``."""
 
     field: ClassVar[str] = "surprisal"
+    run_engine_requires: ClassVar[frozenset[str]] = frozenset({"scoring"})
 
     class Options(ScorerOptions):
         model: str | None = Field(default=None, description="Causal LM that scores (embedded name, path or Hub "
@@ -66,7 +58,10 @@ class CausalLMScorer(TokenScorer):
         stats = eng.token_scores(prompts, texts, batch_size=self.options.batch_size)
         out = []
         for text, ts in zip(texts, stats, strict=True):
-            starts = token_starts(eng.tokenizer, text)
+            try:
+                starts = eng.token_offsets(text)
+            except ModelError as e:
+                raise ConfigError(f"scorer {self.name!r}: {e}") from None
             vals = getattr(ts, self.field).tolist()
             if len(starts) != len(vals):
                 raise RuntimeError(f"tokenization mismatch: {len(starts)} offsets for {len(vals)} scored tokens")

@@ -110,6 +110,7 @@ class KLStepRefiner(Refiner):
     name = "kl-step"
     description = "Shorten each step to the shortest self-sampled candidate within a KL bound (TokenSqueeze)"
     Config = KLStepConfig
+    requires = frozenset({"scoring"})  # context_logits: the window's next-token distributions
 
     def refine(self, data: TrainingSet, ctx: StageContext) -> TrainingSet:
         cfg = self.config
