@@ -1,7 +1,7 @@
 """One contract, every engine: what the core and the methods rely on, checked on each implementation.
 
 ``fake`` (a weightless toy LM) and ``hf`` (a 2-layer random llama with SmolLM2's tokenizer, fp32) run
-here; a new engine adds itself to ``ENGINES``. Capability-specific checks run only where the engine
+here; a new engine adds itself to the ``engine`` fixture. Capability-specific checks run only where the engine
 declares the capability, and the others must refuse with a clear ``ModelError``.
 """
 

@@ -1,7 +1,9 @@
-"""The KV pruner base: scorer + selector + trigger, with physical eviction (kvpress style).
+"""The KV pruner base: a scorer + a trigger, with physical eviction (kvpress style).
 
 A policy module defines a :class:`PressConfig` subclass (its parameters and published defaults), a
-:class:`Press` subclass (its scores) and a :class:`KVPress` component (the plugin's KV pruner).
+:class:`Scorer` (its ``score``) and a :class:`KVPress` component naming them; a policy that evicts on
+another schedule also gives its trigger (:class:`BudgetTrigger` is the default; RPC's is periodic).
+:class:`Press` is the engine-facing policy that composes them.
 
 How one batch is pruned (:class:`Press`):
 
@@ -77,43 +79,92 @@ class BudgetConfig(PressConfig):
         return self
 
 
-class Press(KVPolicy):
-    """One policy instance for one budget; its state is reset by :meth:`begin` for every batch."""
+class Scorer:
+    """Importance of a row's real cache entries, higher is kept: the one thing a new policy writes.
 
-    trigger: ClassVar[str] = "budget"  # or "interval"
+    ``score`` gets batch row ``row``'s real entries: keys/values [1, H, n, D], queries [1, Hq, w, D]
+    (the row's last w post-RoPE queries when the config's ``queries_needed()`` is w > 0; the last w
+    keys are theirs) and positions [1, H, n]; it returns [1, H, n]. A scorer that keeps state across
+    steps (H2O's accumulated attention) also implements ``observe``, ``gather_state`` and
+    ``select_rows``.
+    """
 
-    def __init__(self, config: PressConfig, budget: int, name: str):
-        self.params = {"budget": budget}
+    every_query: ClassVar[bool] = False
+    """Whether the scorer reads every query of every step (not only the config's query window)."""
+
+    def __init__(self, config: PressConfig):
         self.config = config
-        self.budget = budget
-        self.name = name
-        self.needs_queries = bool(config.queries_needed())
-        self.recorder: QueryRecorder | None = None
 
-    # -- scores: what a policy overrides ---------------------------------------------------------
-    def score_row(self, layer: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None,
-                  positions: torch.Tensor, row: int) -> torch.Tensor:
-        """Importance of batch row ``row``'s real entries: keys/values [1, H, n, D], queries [1, Hq, w, D]
-        (the row's last w post-RoPE queries, w <= query window; the last w keys are theirs), positions
-        [1, H, n]. Higher is kept. Returns [1, H, n]. Every policy defines it."""
-        raise TypeError(f"{type(self).__name__} must define score_row")
+    def score(self, press: Press, layer: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None,
+              positions: torch.Tensor, row: int) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define score")
 
-    def target_size(self, row: int) -> int:
-        """Entries a triggered row keeps (``budget`` unless the policy sizes itself)."""
-        return self.budget
-
-    def triggered(self, counts: torch.Tensor) -> torch.Tensor:
-        """Which rows evict now, given their real entry counts [B]."""
-        return counts > self.budget + getattr(self.config, "buffer", 0)
-
-    def observe(self, cache: Any, mask: torch.Tensor, prefill: bool) -> None:
-        """Called before the trigger on every step (H2O accumulates attention here)."""
+    def observe(self, press: Press, cache: Any, mask: torch.Tensor, prefill: bool) -> None:
+        """Called before the trigger on every step (prefill included)."""
 
     def gather_state(self, layer: int, idx: torch.Tensor) -> None:
-        """Apply the selector's indices [B, H, N'] to per-slot policy state."""
+        """Apply the selector's indices [B, H, N'] to per-slot state."""
 
-    def extra_select_rows(self, idx: torch.Tensor) -> None:
-        """Drop per-row policy state of finished rows."""
+    def select_rows(self, idx: torch.Tensor) -> None:
+        """Keep the per-row state of rows ``idx`` only (finished rows left the batch)."""
+
+
+class Trigger:
+    """When a row evicts, how many entries it keeps, and which entries are never evicted."""
+
+    params: dict[str, Any]
+    """The evaluation variant's parameters (e.g. ``{"budget": 128}``)."""
+
+    def triggered(self, press: Press, counts: torch.Tensor) -> torch.Tensor:
+        """Which rows evict now, given their real entry counts [B]."""
+        raise NotImplementedError
+
+    def target_size(self, press: Press, row: int) -> int:
+        """Entries a triggered row keeps."""
+        raise NotImplementedError
+
+    def recent(self, press: Press) -> int:
+        """The most recent entries that are always kept."""
+        return press.config.window
+
+    def protected(self, press: Press, positions: torch.Tensor, row: int) -> torch.Tensor:
+        """Sinks, the recent window and (``protect_prompt``) the prompt."""
+        cur = int(press.lengths[row])
+        keep = (positions < press.config.sinks) | (positions >= cur - self.recent(press))
+        if press.config.protect_prompt:
+            keep |= positions < int(press.prompt_len[row])
+        return keep
+
+
+class BudgetTrigger(Trigger):
+    """Evict when a row holds more than ``budget + buffer`` real entries, down to ``budget``."""
+
+    def __init__(self, budget: int, buffer: int = 0):
+        self.budget, self.buffer = budget, buffer
+        self.params = {"budget": budget}
+
+    def triggered(self, press, counts):
+        return counts > self.budget + self.buffer
+
+    def target_size(self, press, row):
+        return self.budget
+
+
+class Press(KVPolicy):
+    """One policy instance (a scorer and a trigger) for one variant; :meth:`begin` resets it per batch."""
+
+    def __init__(self, config: PressConfig, scorer: Scorer, trigger: Trigger, name: str):
+        self.config, self.scorer, self.trigger, self.name = config, scorer, trigger, name
+        self.params = trigger.params
+        self.needs_queries = bool(config.queries_needed()) or scorer.every_query
+        self.recorder: QueryRecorder | None = None
+
+    def score_row(self, layer: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor | None,
+                  positions: torch.Tensor, row: int) -> torch.Tensor:
+        return self.scorer.score(self, layer, keys, values, queries, positions, row)
+
+    def protected(self, positions: torch.Tensor, row: int) -> torch.Tensor:
+        return self.trigger.protected(self, positions, row)
 
     # -- engine hooks ----------------------------------------------------------------------------
     def session(self, model: Any) -> AbstractContextManager:
@@ -129,7 +180,7 @@ class Press(KVPolicy):
         return capture_queries(model, self.recorder)
 
     def recorder_window(self) -> int | None:
-        return self.config.queries_needed()
+        return None if self.scorer.every_query else self.config.queries_needed()  # None: observe() clears it
 
     def begin(self, cache, attention_mask, prompt_lengths):
         mask = attention_mask
@@ -140,7 +191,7 @@ class Press(KVPolicy):
         self.generated = 0
         pos = torch.where(mask.bool(), mask.cumsum(-1) - 1, -1)
         self.positions = [pos[:, None, :].expand(b, layer.keys.shape[1], n).clone() for layer in cache.layers]
-        self.observe(cache, mask, True)
+        self.scorer.observe(self, cache, mask, True)
         return self._compress(cache, mask)
 
     def after_step(self, cache, attention_mask, step):
@@ -148,7 +199,7 @@ class Press(KVPolicy):
         self.generated += 1
         new = (self.lengths - 1)[:, None, None]
         self.positions = [torch.cat([p, new.expand(p.shape[0], p.shape[1], 1)], dim=2) for p in self.positions]
-        self.observe(cache, attention_mask, False)
+        self.scorer.observe(self, cache, attention_mask, False)
         return self._compress(cache, attention_mask)
 
     def select_rows(self, idx):
@@ -157,26 +208,19 @@ class Press(KVPolicy):
         self.positions = [p.index_select(0, idx) for p in self.positions]
         if self.recorder is not None:
             self.recorder.select_rows(idx)
-        self.extra_select_rows(idx)
+        self.scorer.select_rows(idx)
 
     # -- selection -------------------------------------------------------------------------------
-    def protected(self, positions: torch.Tensor, row: int) -> torch.Tensor:
-        cur = int(self.lengths[row])
-        keep = (positions < self.config.sinks) | (positions >= cur - self.config.window)
-        if self.config.protect_prompt:
-            keep |= positions < int(self.prompt_len[row])
-        return keep
-
     def _compress(self, cache, mask: torch.Tensor) -> torch.Tensor:
         counts = mask.sum(-1)
-        rows = self.triggered(counts)
+        rows = self.trigger.triggered(self, counts)
         if not bool(rows.any()):
             return mask
         target = counts.clone()
         for r in rows.nonzero().flatten().tolist():
             c = int(counts[r])
             n_protected = int(self.protected(self.positions[0][r, 0, -c:], r).sum())
-            target[r] = min(c, max(self.target_size(r), n_protected))
+            target[r] = min(c, max(self.trigger.target_size(self, r), n_protected))
         if bool((target == counts).all()):
             return mask
         b, n = mask.shape
@@ -214,22 +258,25 @@ class Press(KVPolicy):
             layer.keys = keys.gather(2, gi)
             layer.values = values.gather(2, gi)
             self.positions[li] = torch.where(real, self.positions[li].gather(-1, idx), -1)
-            self.gather_state(li, idx)
+            self.scorer.gather_state(li, idx)
         new_mask = (torch.arange(new_n, device=mask.device)[None, :] >= (new_n - target)[:, None]).to(mask.dtype)
         return new_mask
 
 
 class KVPress(KVPruner):
-    """Base of the built-in KV pruners: one variant per budget, the budget-curve report."""
+    """Base of the built-in KV pruners: a scorer and a trigger; by default one budget variant per budget."""
 
-    press_cls: ClassVar[type[Press]] = Press
+    scorer_cls: ClassVar[type[Scorer]] = Scorer
 
     def variants(self) -> list[dict[str, Any]]:
         return [{"budget": b} for b in self.config.budgets]
 
+    def make_trigger(self, params: dict[str, Any]) -> Trigger:
+        """The trigger of one variant (default: the variant's budget with the config's buffer)."""
+        return BudgetTrigger(int(params.get("budget", self.config.budgets[0])), getattr(self.config, "buffer", 0))
+
     def make_policy(self, params: dict[str, Any]) -> KVPolicy:
-        budget = int(params.get("budget", self.config.budgets[0]))
-        return self.press_cls(self.config, budget, self.name)
+        return Press(self.config, self.scorer_cls(self.config), self.make_trigger(params), self.name)
 
     def report_extras(self, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
         from thinkpress.plugins.kvprune.report import budget_report

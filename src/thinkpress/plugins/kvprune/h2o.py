@@ -16,7 +16,7 @@ from pydantic import Field
 
 from thinkpress import hookimpl
 from thinkpress.kernels import window_attention_mass
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
+from thinkpress.plugins.kvprune.base import BudgetConfig, BudgetTrigger, KVPress, Scorer, register_budget_presets
 
 
 class H2OConfig(BudgetConfig):
@@ -28,23 +28,21 @@ class H2OConfig(BudgetConfig):
                                 "recent tokens (the rest: heavy hitters)")
 
 
-class H2OPress(Press):
-    def __init__(self, config, budget, name):
-        super().__init__(config, budget, name)
-        self.needs_queries = True  # every query, not a window
+class H2OScorer(Scorer):
+    every_query = True  # observe() consumes and clears the recorder every step
+
+    def __init__(self, config):
+        super().__init__(config)
         self.acc: list[torch.Tensor] = []
 
-    def recorder_window(self):
-        return None  # observe() consumes and clears the recorder every step
-
-    def observe(self, cache, mask, prefill):
-        qs = self.recorder.queries
+    def observe(self, press, cache, mask, prefill):
+        qs = press.recorder.queries
         valid = mask.bool()
         if prefill:
             self.acc = []
         for li, layer in enumerate(cache.layers):
             k = layer.keys
-            q = self.recorder.last(li)
+            q = press.recorder.last(li)
             b, h, n, d = k.shape
             if prefill:
                 acc = torch.zeros(b, h, n, device=k.device)
@@ -61,29 +59,31 @@ class H2OPress(Press):
             self.acc[li] = torch.cat([self.acc[li], mass.new_zeros(b, h, 1)], dim=2) + mass
         qs.clear()
 
-    def protected(self, positions, row):
-        recent = max(self.config.window, int(self.budget * self.config.recent_ratio))
-        keep = positions >= int(self.lengths[row]) - recent
-        keep |= positions < self.config.sinks
-        if self.config.protect_prompt:
-            keep |= positions < int(self.prompt_len[row])
-        return keep
-
-    def score_row(self, layer, keys, values, queries, positions, row):
+    def score(self, press, layer, keys, values, queries, positions, row):
         return self.acc[layer][row : row + 1, :, -keys.shape[2]:]
 
     def gather_state(self, layer, idx):
         self.acc[layer] = self.acc[layer].gather(-1, idx)
 
-    def extra_select_rows(self, idx):
+    def select_rows(self, idx):
         self.acc = [a.index_select(0, idx) for a in self.acc]
+
+
+class H2OTrigger(BudgetTrigger):
+    """The budget trigger with H2O's recent share: ``budget * recent_ratio`` recent tokens are kept."""
+
+    def recent(self, press):
+        return max(press.config.window, int(self.budget * press.config.recent_ratio))
 
 
 class H2O(KVPress):
     name = "h2o"
     description = "H2O: accumulated attention (heavy hitters) + recent tokens"
     Config = H2OConfig
-    press_cls = H2OPress
+    scorer_cls = H2OScorer
+
+    def make_trigger(self, params):
+        return H2OTrigger(int(params.get("budget", self.config.budgets[0])), self.config.buffer)
 
 
 @hookimpl

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from thinkpress import hookimpl
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Scorer, register_budget_presets
 
 
-class KeyDiffPress(Press):
-    def score_row(self, layer, keys, values, queries, positions, row):
+class KeyDiffScorer(Scorer):
+    def score(self, press, layer, keys, values, queries, positions, row):
         k = keys.float()
         anchor = k.mean(dim=2, keepdim=True)
         return -torch.nn.functional.cosine_similarity(k, anchor, dim=-1)
@@ -23,7 +23,7 @@ class KeyDiff(KVPress):
     name = "keydiff"
     description = "KeyDiff: keep keys unlike the mean key (score -cos(k, mean k))"
     Config = BudgetConfig
-    press_cls = KeyDiffPress
+    scorer_cls = KeyDiffScorer
 
 
 @hookimpl

@@ -6,11 +6,11 @@ Cheap (no attention, no queries): low-norm keys draw the most attention. Needs: 
 from __future__ import annotations
 
 from thinkpress import hookimpl
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Scorer, register_budget_presets
 
 
-class KNormPress(Press):
-    def score_row(self, layer, keys, values, queries, positions, row):
+class KNormScorer(Scorer):
+    def score(self, press, layer, keys, values, queries, positions, row):
         return -keys.float().norm(dim=-1)
 
 
@@ -18,7 +18,7 @@ class KNorm(KVPress):
     name = "knorm"
     description = "KNorm: keep low-norm keys (score -||k||)"
     Config = BudgetConfig
-    press_cls = KNormPress
+    scorer_cls = KNormScorer
 
 
 @hookimpl

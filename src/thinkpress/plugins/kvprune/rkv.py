@@ -20,7 +20,7 @@ from pydantic import Field
 
 from thinkpress import hookimpl
 from thinkpress.kernels import key_redundancy, window_attention_mass
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Scorer, register_budget_presets
 
 
 class RKVConfig(BudgetConfig):
@@ -35,8 +35,8 @@ class RKVConfig(BudgetConfig):
         return self.obs_window
 
 
-class RKVPress(Press):
-    def score_row(self, layer, keys, values, queries, positions, row):
+class RKVScorer(Scorer):
+    def score(self, press, layer, keys, values, queries, positions, row):
         c = self.config
         n = keys.shape[2]
         cand = max(n - c.window, 1)
@@ -51,7 +51,7 @@ class RKV(KVPress):
     name = "rkv"
     description = "R-KV: attention importance minus key redundancy (reasoning models)"
     Config = RKVConfig
-    press_cls = RKVPress
+    scorer_cls = RKVScorer
 
 
 @hookimpl

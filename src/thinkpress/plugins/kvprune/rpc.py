@@ -13,9 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from thinkpress import hookimpl
-from thinkpress.api import KVPolicy
-from thinkpress.plugins.kvprune.base import KVPress, PressConfig
-from thinkpress.plugins.kvprune.snapkv import SnapKVPress
+from thinkpress.plugins.kvprune.base import KVPress, PressConfig, Trigger
+from thinkpress.plugins.kvprune.snapkv import SnapKVScorer
 
 
 class RPCConfig(PressConfig):
@@ -43,35 +42,35 @@ class RPCConfig(PressConfig):
         return self
 
 
-class RPCPress(SnapKVPress):
-    """SnapKV's pooled window attention (``kernel``, ``pooling``), on a period trigger with the prompt kept."""
+class PeriodTrigger(Trigger):
+    """Every ``period`` generated tokens, keep the prompt, ``period / ratio`` tokens per period so far and the
+    last ``obs_window``."""
 
-    def __init__(self, config, ratio: int, name):
-        super().__init__(config, 0, name)
-        self.ratio = ratio
+    def __init__(self, period: int, ratio: int, obs_window: int):
+        self.period, self.ratio, self.obs_window = period, ratio, obs_window
         self.params = {"ratio": ratio}
 
-    def triggered(self, counts):
-        due = self.generated > 0 and self.generated % self.config.period == 0
+    def triggered(self, press, counts):
+        due = press.generated > 0 and press.generated % self.period == 0
         return counts.new_full(counts.shape, due, dtype=bool)
 
-    def target_size(self, row):
-        c = self.config
-        periods = self.generated // c.period
-        return int(self.prompt_len[row]) + periods * (c.period // self.ratio) + c.obs_window
+    def target_size(self, press, row):
+        periods = press.generated // self.period
+        return int(press.prompt_len[row]) + periods * (self.period // self.ratio) + self.obs_window
 
 
 class RPC(KVPress):
     name = "rpc"
     description = "RPC: periodic compression of the reasoning path, prompt kept"
     Config = RPCConfig
-    press_cls = RPCPress
+    scorer_cls = SnapKVScorer  # SnapKV's pooled window attention (kernel, pooling) on a period trigger
 
     def variants(self) -> list[dict[str, Any]]:
         return [{"ratio": c} for c in self.config.ratios]
 
-    def make_policy(self, params: dict[str, Any]) -> KVPolicy:
-        return RPCPress(self.config, int(params.get("ratio", self.config.ratios[0])), self.name)
+    def make_trigger(self, params: dict[str, Any]) -> Trigger:
+        c = self.config
+        return PeriodTrigger(c.period, int(params.get("ratio", c.ratios[0])), c.obs_window)
 
 
 @hookimpl

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from thinkpress import hookimpl
 from thinkpress.kernels import window_attention_mass
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Scorer, register_budget_presets
 
 
 class SnapKVConfig(BudgetConfig):
@@ -29,8 +29,8 @@ class SnapKVConfig(BudgetConfig):
         return self.obs_window
 
 
-class SnapKVPress(Press):
-    def score_row(self, layer, keys, values, queries, positions, row):
+class SnapKVScorer(Scorer):
+    def score(self, press, layer, keys, values, queries, positions, row):
         c = self.config
         return window_attention_mass(queries, keys, causal=True, pool_kernel=c.kernel, pool_mode=c.pooling)
 
@@ -39,7 +39,7 @@ class SnapKV(KVPress):
     name = "snapkv"
     description = "SnapKV: pooled attention from an observation window of recent queries"
     Config = SnapKVConfig
-    press_cls = SnapKVPress
+    scorer_cls = SnapKVScorer
 
 
 @hookimpl

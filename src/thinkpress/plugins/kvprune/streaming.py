@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from thinkpress import hookimpl
-from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Press, register_budget_presets
+from thinkpress.plugins.kvprune.base import BudgetConfig, KVPress, Scorer, register_budget_presets
 
 
 class StreamingConfig(BudgetConfig):
@@ -18,8 +18,8 @@ class StreamingConfig(BudgetConfig):
     window: int = Field(default=1, ge=1, description="Most recent entries always kept (recency is the score)")
 
 
-class StreamingPress(Press):
-    def score_row(self, layer, keys, values, queries, positions, row):
+class StreamingScorer(Scorer):
+    def score(self, press, layer, keys, values, queries, positions, row):
         return positions.float()  # the most recent win
 
 
@@ -27,7 +27,7 @@ class Streaming(KVPress):
     name = "streaming"
     description = "StreamingLLM: attention sinks + the most recent tokens"
     Config = StreamingConfig
-    press_cls = StreamingPress
+    scorer_cls = StreamingScorer
 
 
 @hookimpl
