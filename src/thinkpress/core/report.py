@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from thinkpress.core.files import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from thinkpress.core.runner import Runner
+    from thinkpress.core.results import RunResult
 
 CONTRACT_KEYS = ("name", "params", "n", "accuracy", "mean_tokens", "mean_tokens_correct", "p50_tokens", "p90_tokens",
                  "truncation_rate", "latency_s", "decode_tokens_per_s", "peak_kv_bytes")
@@ -129,33 +129,35 @@ def _panels(axes, sets) -> None:
         ax.set_title(f"{name} (n={rows[0]['n']}): accuracy vs. length, 95% CIs", fontsize=10)
 
 
-def write_report(runner: Runner, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def write_report(run: RunResult) -> dict[str, Any]:
     """Write report.json (the contract; ``dataset``/``variants`` are the primary test set's), report.md, plot.png."""
-    cfg = runner.cfg
-    sets = runner.test_sets
-    primary = sets[0] if sets else None
-    rows = results.get(primary.name, []) if primary else []
+    cfg = run.config
+    primary = run.primary
+    rows = primary.rows if primary else []
+    results = run.rows()
 
     def contract(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: r.get(k) for k in CONTRACT_KEYS} | {k: v for k, v in r.items() if k not in CONTRACT_KEYS}
                 for r in rs]
 
-    summary = [line for ts in sets for line in summary_lines(ts.name, results.get(ts.name, []))]
+    summary = [line for ts in run.test_sets for line in summary_lines(ts.name, ts.rows)]
     report = {
         "config_hash": cfg.config_hash(),
         "plugins": cfg.plugins,
         "model": cfg.model,
-        "dataset": (primary.describe() if primary else {}) | {"train_skipped_rows": runner.skipped_rows["train_data"]},
+        "dataset": (primary.test_set.describe() if primary else {})
+        | {"train_skipped_rows": run.skipped_rows.get("train_data", 0)},
         "variants": contract(rows),
-        "test_sets": [{"name": ts.name, "dataset": ts.describe(), "variants": contract(results.get(ts.name, []))}
-                      for ts in sets],
+        "test_sets": [{"name": ts.name, "dataset": ts.test_set.describe(), "variants": contract(ts.rows)}
+                      for ts in run.test_sets],
         "summary": summary,
-        "stages": runner.stage_info,
-        "plan": runner.plan.describe(),
-        "timings": runner.timings,
-        "nondeterminism": runner.nondeterminism,
+        "stages": run.stages,
+        "plan": run.plan.describe(),
+        "timings": run.timings,
+        "nondeterminism": run.nondeterminism,
     }
-    out = runner.store.dir
+    sets = [ts.test_set for ts in run.test_sets]
+    out = run.out_dir
     atomic_write_json(out / "report.json", report)
     if any(results.values()):
         plot(results, out / "plot.png")
@@ -163,10 +165,10 @@ def write_report(runner: Runner, results: dict[str, list[dict[str, Any]]]) -> di
           f"- model: `{cfg.model}`  ",
           "- test sets: " + ", ".join(f"`{ts.name}` ({ts.spec.split}, n={len(ts.problems)})" for ts in sets) + "  ",
           f"- config hash: `{report['config_hash']}`  ",
-          f"- wall time: {runner.timings.get('total_s', 0):.0f} s (training stages "
-          f"{runner.timings.get('train_s', 0):.0f} s, evaluation {runner.timings.get('eval_s', 0):.0f} s)", ""]
-    if runner.nondeterminism:
-        md += ["**Not reproducible bit for bit:** " + "; ".join(runner.nondeterminism), ""]
+          f"- wall time: {run.timings.get('total_s', 0):.0f} s (training stages "
+          f"{run.timings.get('train_s', 0):.0f} s, evaluation {run.timings.get('eval_s', 0):.0f} s)", ""]
+    if run.nondeterminism:
+        md += ["**Not reproducible bit for bit:** " + "; ".join(run.nondeterminism), ""]
     if summary:
         md += ["## Summary", "", *[f"- {line}" for line in summary], ""]
     for ts in sets:
@@ -175,12 +177,12 @@ def write_report(runner: Runner, results: dict[str, list[dict[str, Any]]]) -> di
                    markdown_table(results[ts.name]), ""]
     if any(results.values()):
         md += [INTERVALS_NOTE, "", FLIPS_NOTE, "", "![accuracy vs tokens](plot.png)", ""]
-    extra = getattr(runner, "report_lines", [])
+    extra = run.report_lines
     if extra:
         md += [*extra, ""]
-    if runner.stage_info:
+    if run.stages:
         md += ["## Stages", "", "| stage | plugin | wall s | cached | stats |", "|---|---|---|---|---|"]
-        for label, s in runner.stage_info.items():
+        for label, s in run.stages.items():
             stats = ", ".join(f"{k}={fmt(v)}" for k, v in (s.get("stats") or {}).items())
             md.append(f"| {label} | {s['plugin']} | {fmt(s['wall_s'])} | {s['cached']} | {stats} |")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")

@@ -17,6 +17,7 @@ from thinkpress.core.manifest import manifest, nondeterminism, peak_rss_mb
 from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
 from thinkpress.core.planning import TestSet, load_problems, resolve_plan
 from thinkpress.core.plugins import Registry, get_registry
+from thinkpress.core.results import RunResult, TestSetResult, VariantResult
 from thinkpress.core.store import RunStore, stable_hash
 
 log = logging.getLogger("thinkpress")
@@ -56,8 +57,8 @@ class Runner:
         self.evaluator = Evaluator(cfg, self.store, self.state, self.plan, self.model_id)
         self.timings: dict[str, float] = {}
         self.nondeterminism = nondeterminism(cfg, self.reg.engine(cfg.engine))
-        self.report_lines: list[str] = []
-        """Markdown that components add to report.md (see ``Component.report_extras``)."""
+        self.result: RunResult | None = None
+        """The finished run (after :meth:`run`)."""
 
     @property
     def stage_info(self) -> dict[str, Any]:
@@ -89,25 +90,28 @@ class Runner:
             t0 = time.perf_counter()
             result, train_key, trainer = self.executor.train(self.plan, self.train_problems)
             self.timings["train_s"] = time.perf_counter() - t0
-            results: dict[str, list[dict[str, Any]]] = {}
+            sets = [TestSetResult(ts) for ts in self.test_sets] if cfg.eval.enabled else []
             if cfg.eval.enabled:
                 t1 = time.perf_counter()
                 adapter = self.executor.adapter_path(result, train_key) if result is not None else None
                 variants = self.evaluator.variants(result, train_key, trainer, adapter)
-                for ts in self.test_sets:
-                    results[ts.name] = [self.evaluator.evaluate_variant(v, ts) for v in variants]
+                for out in sets:
+                    out.variants = [VariantResult(v, self.evaluator.evaluate_variant(v, out.test_set))
+                                    for v in variants]
                 self.timings["eval_s"] = time.perf_counter() - t1
             self.timings["total_s"] = time.perf_counter() - t0
-            rows = results[self.test_sets[0].name] if results else []
-            if rows:
+            run = RunResult(config=cfg, plan=self.plan, out_dir=self.store.dir, test_sets=sets, train=result,
+                            stages=self.stage_info, timings=self.timings, nondeterminism=self.nondeterminism,
+                            skipped_rows=self.skipped_rows)
+            if run.primary is not None and run.primary.variants:
                 # components' own report sections (ratio sweeps, KV budget curves) cover the primary test set
-                extras = ([trainer] if trainer else []) + self.plan.kv_pruners
-                for planned in extras:
-                    self.report_lines += planned.instance.report_extras(rows, self.store.dir)
+                for planned in ([trainer] if trainer else []) + self.plan.kv_pruners:
+                    run.report_lines += planned.instance.report_extras(run.primary.rows, self.store.dir)
             info |= {"timings": self.timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "peak_rss_mb_process": peak_rss_mb()}
             atomic_write_json(self.store.dir / "manifest.json", info)
-            return write_report(self, results)
+            self.result = run
+            return write_report(run)
         finally:
             log.removeHandler(handler)
             handler.close()
