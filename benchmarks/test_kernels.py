@@ -1,4 +1,4 @@
-"""Token-score kernels: chunked torch reference vs. naive torch (CPU), and Triton vs. naive vs.
+"""Kernels: chunked torch reference vs. naive torch for every op (CPU), and Triton vs. naive vs.
 torch.compile (CUDA, skipped without a GPU).
 
     .venv/bin/python -m pytest benchmarks/test_kernels.py --benchmark-only -s
@@ -22,7 +22,8 @@ CASES = [(512, 49152), (512, 151936), (4096, 49152), (4096, 151936)]
 
 _SCRIPT = textwrap.dedent("""
     import json, resource, sys, time, torch
-    from thinkpress.kernels import reference, token_scores
+    from thinkpress.kernels import token_scores
+    from thinkpress.kernels.ops.token_scores import token_scores_reference
     impl, n, v, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.manual_seed(0)
     x = torch.randn(n, v, device=device).mul_(4)  # in place: no input-sized temporary under the high-water mark
@@ -32,7 +33,7 @@ _SCRIPT = textwrap.dedent("""
         lp = torch.log_softmax(x.float(), -1)
         return -lp.gather(1, t[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1), torch.logsumexp(x.float(), -1)
 
-    fns = {"naive": naive, "reference": lambda: reference.token_scores(x, t),
+    fns = {"naive": naive, "reference": lambda: token_scores_reference(x, t),
            "triton": lambda: token_scores(x, t, backend="triton"),
            "compile": torch.compile(naive) if impl == "compile" else None}
     fn = fns[impl]
@@ -100,3 +101,93 @@ def test_cuda_triton_vs_naive_vs_compile(benchmark, n, v):
     print(f"\nN={n} V={v} on {torch.cuda.get_device_name(0)}: " +
           ", ".join(f"{k} {r['s'] * 1e3:.2f} ms ({bw[k]:.0f} GB/s, peak {r['peak_bytes'] / 2**20:.0f} MiB)"
                     for k, r in res.items()))
+
+
+# -- the other ops: chunked torch reference (the CPU path) vs. naive torch, one row per op and case ---------------
+_OPS_SCRIPT = textwrap.dedent("""
+    import json, math, resource, sys, time, torch
+    from thinkpress.kernels.ops.key_redundancy import key_redundancy_reference
+    from thinkpress.kernels.ops.kl_div import kl_div_reference
+    from thinkpress.kernels.ops.window_attention_mass import window_attention_mass_reference
+    op, impl, dims = sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3].split(",")]
+    torch.manual_seed(0)
+    if op == "kl_div":
+        n, v = dims
+        p, q = torch.randn(n, v).mul_(4), torch.randn(n, v).mul_(4)
+
+        def naive():
+            lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+            return (lp.exp() * (lp - lq)).sum(-1)
+
+        ref = lambda: kl_div_reference(p, q)
+    elif op == "window_attention_mass":
+        hq, hkv, w, n, d = dims
+        qs, ks = torch.randn(1, hq, w, d), torch.randn(1, hkv, n, d)
+
+        def naive():
+            k = ks.repeat_interleave(hq // hkv, dim=1)
+            sc = torch.einsum("bhwd,bhnd->bhwn", qs, k) / math.sqrt(d)
+            qpos = n - w + torch.arange(w)
+            sc = sc.masked_fill(torch.arange(n)[None, :] > qpos[:, None], float("-inf"))
+            return sc.softmax(-1).reshape(1, hkv, (hq // hkv) * w, n).mean(2)
+
+        ref = lambda: window_attention_mass_reference(qs, ks)
+    else:  # key_redundancy with R-KV's recent-copy exemption
+        h, n, d = dims
+        ks = torch.randn(1, h, n, d)
+        ks[:, :, n // 2:] = ks[:, :, : n - n // 2] + 0.05  # repeats to exempt
+
+        def naive():
+            kn = torch.nn.functional.normalize(ks, dim=-1)
+            s = kn @ kn.transpose(-1, -2)
+            s.diagonal(dim1=-2, dim2=-1).zero_()
+            idx = torch.arange(n)
+            last = torch.where(s > 0.5, idx, -1).amax(-1)  # each row's most recent similar key
+            rows = (last >= 0).nonzero(as_tuple=True)
+            s[rows + (last[rows],)] = 0.0
+            return s.sum(-2) / n
+
+        ref = lambda: key_redundancy_reference(ks, exemption_threshold=0.5)
+    if impl == "check":
+        torch.testing.assert_close(ref(), naive(), atol=1e-4, rtol=1e-4)
+        print(json.dumps({"ok": True}))
+        sys.exit(0)
+    fn = naive if impl == "naive" else ref
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    t0 = time.perf_counter()
+    for _ in range(2):
+        fn()
+    print(json.dumps({"s": (time.perf_counter() - t0) / 2, "peak_bytes": peak}))
+""")
+
+OP_CASES = [("kl_div", "512,151936"), ("kl_div", "4096,49152"),
+            ("window_attention_mass", "14,2,32,8192,64"), ("window_attention_mass", "14,2,32,32768,64"),
+            ("key_redundancy", "2,2048,64"), ("key_redundancy", "2,8192,64")]
+
+
+def _run_op(op: str, impl: str, dims: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _OPS_SCRIPT, op, impl, dims], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("op, dims", OP_CASES)
+def test_cpu_op_chunked_reference_vs_naive(benchmark, op, dims):
+    """The same answer (checked first), then time and the extra peak memory of one cold call, each in its process."""
+    assert _run_op(op, "check", dims if op != "window_attention_mass" else "4,2,8,256,16")["ok"]
+    res = {}
+
+    def run():
+        res["naive"] = _run_op(op, "naive", dims)
+        res["reference"] = _run_op(op, "reference", dims)
+        return res
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(op=op, dims=dims,
+                                **{f"{k}_{m}": r[m] for k, r in res.items() for m in ("s", "peak_bytes")})
+    print(f"\n{op} ({dims}): naive {res['naive']['s']:.3f}s {res['naive']['peak_bytes'] / 2**20:.0f} MiB | "
+          f"chunked {res['reference']['s']:.3f}s {res['reference']['peak_bytes'] / 2**20:.0f} MiB | "
+          f"time x{res['reference']['s'] / res['naive']['s']:.2f}, "
+          f"memory 1/{res['naive']['peak_bytes'] / max(1, res['reference']['peak_bytes']):.1f}")

@@ -1,0 +1,1 @@
+"""The ops: one module each (checks, torch reference, public function with backend dispatch)."""
