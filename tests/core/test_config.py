@@ -145,3 +145,11 @@ def test_a_plugin_can_declare_a_preset_and_a_bundle():
     assert build_config(preset="tiny", overrides={"plugins": ["mine"]}, registry=reg).seed == 4
     assert reg.expand_plugins(["cheap-kv", "rkv", "h2o"]) == ["streaming", "h2o", "rkv"]
     assert reg.plugins["mine"].broken is None
+
+
+def test_kv_policies_evaluate_on_smaller_test_sets_than_the_main_job():
+    main_job = build_config(overrides={"plugins": ["tokensqueeze"]})
+    kv = build_config(overrides={"plugins": ["rkv"]})
+    assert [(d.name, d.limit) for d in main_job.test_data] == [("gsm8k", 300), ("arith", 48)]
+    assert [(d.name, d.limit) for d in kv.test_data] == [("gsm8k", 48), ("arith", 48)]
+    assert kv.components["rkv"]["budgets"] == [64, 128]

@@ -284,6 +284,12 @@ class KVPress(KVPruner):
         return budget_report(self.name, rows, out_dir)
 
 
+KV_TEST_SETS = {"default": {"test_data": [{"name": "gsm8k", "split": "test", "limit": 48, "shuffle": True},
+                                          {"name": "arith", "split": "test", "limit": 48}]}}
+"""Each budget is a generation pass and a teacher-forced NLL pass per test set, so the default preset's
+KV runs use smaller test sets than its 300 GSM8K problems."""
+
+
 def register_budget_presets(register, policy: str, *, buffer: bool) -> None:
     """The presets' budgets for a budget policy, applied when the policy is selected.
 
@@ -292,4 +298,4 @@ def register_budget_presets(register, policy: str, *, buffer: bool) -> None:
     """
     for preset, budgets, buf in (("smoke", [48, 96], 16), ("default", [64, 128], 32)):
         cfg: dict[str, Any] = {"budgets": budgets} | ({"buffer": buf} if buffer else {})
-        register(preset, {"components": {policy: cfg}}, when_selected=True)
+        register(preset, {"components": {policy: cfg}} | KV_TEST_SETS.get(preset, {}), when_selected=True)

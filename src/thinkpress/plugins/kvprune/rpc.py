@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from thinkpress import hookimpl
-from thinkpress.plugins.kvprune.base import KVPress, PressConfig, Trigger
+from thinkpress.plugins.kvprune.base import KV_TEST_SETS, KVPress, PressConfig, Trigger
 from thinkpress.plugins.kvprune.snapkv import SnapKVScorer
 
 
@@ -83,5 +83,5 @@ def register_presets(register):
     # RPC compresses every `period` tokens (1024 in the paper): scaled to a few-hundred-token answer.
     register("smoke", {"components": {"rpc": {"period": 32, "ratios": [2], "obs_window": 8, "window": 8}}},
              when_selected=True)
-    register("default", {"components": {"rpc": {"period": 64, "ratios": [2, 4], "obs_window": 16, "window": 16}}},
-             when_selected=True)
+    register("default", {"components": {"rpc": {"period": 64, "ratios": [2, 4], "obs_window": 16, "window": 16}}}
+             | KV_TEST_SETS["default"], when_selected=True)
