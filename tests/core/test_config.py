@@ -106,3 +106,11 @@ def test_schema_is_json_and_describes_fields():
     json.dumps(schema)
     assert schema["additionalProperties"] is False
     assert all("description" in p for p in schema["properties"].values())
+
+
+def test_kv_policies_evaluate_on_smaller_test_sets_than_the_main_job():
+    main_job = build_config(overrides={"plugins": ["tokensqueeze"]})
+    kv = build_config(overrides={"plugins": ["rkv"]})
+    assert [(d.name, d.limit) for d in main_job.test_data] == [("gsm8k", 300), ("arith", 48)]
+    assert [(d.name, d.limit) for d in kv.test_data] == [("gsm8k", 48), ("arith", 48)]
+    assert kv.components["rkv"]["budgets"] == [64, 128]

@@ -205,20 +205,26 @@ PLUGIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 """Per-preset, per-plugin overlays (see the comment inside)."""
 
 
-def _kv_overlays(budgets: list[int], buffer: int, rpc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _kv_overlays(budgets: list[int], buffer: int, rpc: dict[str, Any],
+                 test_data: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """KV policies on short CPU answers: budgets (and R-KV/SnapKV's buffer, RPC's period) scaled down so
     that the policies evict at all (a few hundred tokens per answer, against 128-token buffers and
-    1024-token periods in the papers). Streaming and H2O keep their every-step eviction."""
+    1024-token periods in the papers). Streaming and H2O keep their every-step eviction. Each budget is
+    a generation pass and a teacher-forced NLL pass per test set, so the default preset's KV runs use
+    smaller test sets than its 300 GSM8K problems."""
     scored = ("snapkv", "rkv", "knorm", "keydiff")
-    out = {p: {"components": {p: {"budgets": budgets, "buffer": buffer}}} for p in scored}
-    out |= {p: {"components": {p: {"budgets": budgets}}} for p in ("streaming", "h2o")}
-    out["rpc"] = {"components": {"rpc": rpc}}
+    extra = {"test_data": test_data} if test_data else {}
+    out = {p: {"components": {p: {"budgets": budgets, "buffer": buffer}}} | extra for p in scored}
+    out |= {p: {"components": {p: {"budgets": budgets}}} | extra for p in ("streaming", "h2o")}
+    out["rpc"] = {"components": {"rpc": rpc}} | extra
     return out
 
 
 PLUGIN_PRESETS["smoke"] |= _kv_overlays([48, 96], 16, {"period": 32, "ratios": [2], "obs_window": 8, "window": 8})
 PLUGIN_PRESETS["default"] |= _kv_overlays([64, 128], 32, {"period": 64, "ratios": [2, 4], "obs_window": 16,
-                                                           "window": 16})
+                                                           "window": 16},
+                                          [{"name": "gsm8k", "split": "test", "limit": 48, "shuffle": True},
+                                           {"name": "arith", "split": "test", "limit": 48}])
 
 
 SET_IDENTITY = ("name", "path", "split", "label")
