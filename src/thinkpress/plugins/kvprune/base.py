@@ -25,6 +25,7 @@ How one batch is pruned (:class:`Press`):
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
@@ -109,19 +110,19 @@ class Scorer:
         """Keep the per-row state of rows ``idx`` only (finished rows left the batch)."""
 
 
-class Trigger:
+class Trigger(ABC):
     """When a row evicts, how many entries it keeps, and which entries are never evicted."""
 
     params: dict[str, Any]
     """The evaluation variant's parameters (e.g. ``{"budget": 128}``)."""
 
+    @abstractmethod
     def triggered(self, press: Press, counts: torch.Tensor) -> torch.Tensor:
         """Which rows evict now, given their real entry counts [B]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def target_size(self, press: Press, row: int) -> int:
         """Entries a triggered row keeps."""
-        raise NotImplementedError
 
     def recent(self, press: Press) -> int:
         """The most recent entries that are always kept."""
