@@ -34,6 +34,7 @@ from thinkpress.core.files import atomic_dir, atomic_file, atomic_write_json, at
 from thinkpress.core.grading import extract_answer, grade, is_equivalent
 from thinkpress.core.plots import figure
 from thinkpress.core.report import flips, fmt, fmt_num_ci, fmt_pct_ci
+from thinkpress.core.results import RunResult, TestSetResult, VariantResult
 from thinkpress.core.scoring import (
     ScorerOptions,
     TokenList,
@@ -64,6 +65,8 @@ __all__ = [
     # stages
     "Component", "ComponentConfig", "Sampler", "Selector", "Refiner", "TracePruner", "Trainer", "KVPruner",
     "EvalVariant", "StageContext",
+    # results (what report_extras and the runner see)
+    "RunResult", "TestSetResult", "VariantResult",
     # engines
     "Engine", "Capability", "GenParams", "Completion", "GenStats", "KVPolicy",
     # token scorers (TokenSkip-style importance)

@@ -312,10 +312,15 @@ def test_trainer_requires_ratio_tagged_examples(tmp_path, tiny_llama):
 
 
 def test_controllability_rows():
-    rows = [{"name": "base", "params": {}, "mean_tokens": 200.0, "accuracy": 0.5},
-            {"name": "trained@gamma=1", "params": {"gamma": 1.0}, "mean_tokens": 100.0, "accuracy": 0.6},
-            {"name": "trained@gamma=0.5", "params": {"gamma": 0.5}, "mean_tokens": 62.0, "accuracy": 0.55}]
-    ctrl = controllability(rows)
+    from thinkpress.api import EvalVariant, TestSetResult, VariantResult
+
+    rows = [{"name": "base", "mean_tokens": 200.0, "accuracy": 0.5},
+            {"name": "trained@gamma=1", "mean_tokens": 100.0, "accuracy": 0.6},
+            {"name": "trained@gamma=0.5", "mean_tokens": 62.0, "accuracy": 0.55}]
+    params = [{}, {"gamma": 1.0}, {"gamma": 0.5}]
+    result = TestSetResult(test_set=None, variants=[VariantResult(EvalVariant(r["name"], p), r)
+                                                   for r, p in zip(rows, params, strict=True)])
+    ctrl = controllability(result)
     assert [r["name"] for r in ctrl] == ["trained@gamma=1", "trained@gamma=0.5"]
     assert rows[2]["actual_ratio"] == pytest.approx(0.62) and rows[2]["adherence_error"] == pytest.approx(0.12)
     assert rows[2]["accuracy_vs_full"] == pytest.approx(-0.05) and "actual_ratio" not in rows[0]

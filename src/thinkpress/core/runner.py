@@ -106,7 +106,7 @@ class Runner:
             if run.primary is not None and run.primary.variants:
                 # components' own report sections (ratio sweeps, KV budget curves) cover the primary test set
                 for planned in ([trainer] if trainer else []) + self.plan.kv_pruners:
-                    run.report_lines += planned.instance.report_extras(run.primary.rows, self.store.dir)
+                    run.report_lines += planned.instance.report_extras(run.primary, self.store.dir)
             info |= {"timings": self.timings, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "peak_rss_mb_process": peak_rss_mb()}
             atomic_write_json(self.store.dir / "manifest.json", info)

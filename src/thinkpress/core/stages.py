@@ -23,6 +23,7 @@ from thinkpress.core.data import Problem, Sample, TrainingSet, TrainResult
 if TYPE_CHECKING:
     from thinkpress.core.context import StageContext
     from thinkpress.core.engines.base import KVPolicy
+    from thinkpress.core.results import TestSetResult
 
 STAGES = ("sampler", "selector", "refiner", "pruner", "trainer")
 SINGLE_STAGES = ("sampler", "selector", "trainer")
@@ -63,11 +64,13 @@ class Component(ABC):  # noqa: B024 - the stage bases declare the abstract metho
         """
         return None
 
-    def report_extras(self, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
-        """Add method-specific metrics to the evaluation rows (in place) and files under ``out_dir``.
+    def report_extras(self, result: TestSetResult, out_dir: Path) -> list[str]:
+        """Add method-specific metrics to the evaluation rows and files under ``out_dir``.
 
-        Called once after evaluation for the trainer and every KV pruner of the run; returns Markdown
-        lines for ``report.md`` (default: none). New keys must not rename the contract's keys.
+        Called once after evaluation for the trainer and every KV pruner of the run, with the primary
+        test set's typed result: each ``VariantResult`` holds its ``variant`` (name, params, reference)
+        and its metrics ``row``, to which new keys may be added in place (never renaming report.json's
+        contract keys). Returns Markdown lines for ``report.md`` (default: none).
         """
         return []
 

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from thinkpress.api import ComponentConfig, KVPolicy, KVPruner, ModelError
+from thinkpress.api import ComponentConfig, KVPolicy, KVPruner, ModelError, TestSetResult
 from thinkpress.plugins.kvprune.capture import QueryRecorder, capture_queries, check_capturable
 
 log = logging.getLogger("thinkpress")
@@ -279,10 +279,10 @@ class KVPress(KVPruner):
     def make_policy(self, params: dict[str, Any]) -> KVPolicy:
         return Press(self.config, self.scorer_cls(self.config), self.make_trigger(params), self.name)
 
-    def report_extras(self, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    def report_extras(self, result: TestSetResult, out_dir: Path) -> list[str]:
         from thinkpress.plugins.kvprune.report import budget_report
 
-        return budget_report(self.name, rows, out_dir)
+        return budget_report(self.name, result, out_dir)
 
 
 KV_TEST_SETS = {"default": {"test_data": [{"name": "gsm8k", "split": "test", "limit": 48, "shuffle": True},

@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from thinkpress.api import flips, fmt
-
-
-def reference_name(row: dict[str, Any]) -> str:
-    """The full-cache variant a KV variant is compared with (``base+rkv@budget=256`` -> ``base``)."""
-    return row["reference"]
+from thinkpress.api import TestSetResult, VariantResult, flips, fmt
 
 
-def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
+def budget_report(policy: str, result: TestSetResult, out_dir: Path) -> list[str]:
     """Add ``kv_ratio`` and ``speed_ratio`` to this policy's rows; a table and a plot."""
-    by_name = {r["name"]: r for r in rows}
-    mine = [r for r in rows if r.get("params", {}).get("kv_policy") == policy]
-    if not mine:
+    variants = [v for v in result.variants if v.variant.kv_pruner == policy]
+    if not variants:
         return []
+    mine = [v.row for v in variants]
     lines = [f"### KV policy `{policy}` vs. the full cache", "",
              "| variant | accuracy | vs full | lost / gained (p) | mean tok | peak KV MB | KV % of full | decode tok/s "
              "| speed vs full "
              "| token agreement | identical outputs | NLL full -> pruned | entries evicted |",
              "|" + "---|" * 13]
     noop = []
-    for r in mine:
-        ref = by_name.get(reference_name(r))
+    for v, r in zip(variants, mine, strict=True):
+        ref = result.get(v.reference)
         if ref is not None:
+            ref = ref.row
             if r.get("peak_kv_bytes") and ref.get("peak_kv_bytes"):
                 r["kv_ratio"] = r["peak_kv_bytes"] / ref["peak_kv_bytes"]
             if r.get("decode_tokens_per_s") and ref.get("decode_tokens_per_s"):
@@ -53,26 +48,27 @@ def budget_report(policy: str, rows: list[dict[str, Any]], out_dir: Path) -> lis
                   "these variants are the full cache (a no-op, not a result about the policy)."]
     if len(mine) > 1:
         path = Path(out_dir) / f"kv_{policy}.png"
-        plot_budget_curve(policy, mine, path)
+        plot_budget_curve(policy, variants, path)
         lines += ["", f"![{policy} budget curve]({path.name})"]
     return lines + [""]
 
 
-def plot_budget_curve(policy: str, rows: list[dict[str, Any]], path: Path) -> None:
+def plot_budget_curve(policy: str, variants: list[VariantResult], path: Path) -> None:
     from thinkpress.api import figure
 
     with figure(path, 2) as (a1, a2):
-        _budget_panels(a1, a2, policy, rows)
+        _budget_panels(a1, a2, policy, variants)
 
 
-def _budget_panels(a1, a2, policy: str, rows: list[dict[str, Any]]) -> None:
-    key = "budget" if all("budget" in r["params"] for r in rows) else "ratio"
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(reference_name(r), []).append(r)
-    for ref, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["params"][key])
-        xs = [r["params"][key] for r in rs]
+def _budget_panels(a1, a2, policy: str, variants: list[VariantResult]) -> None:
+    key = "budget" if all("budget" in v.variant.kv_params for v in variants) else "ratio"
+    groups: dict[str, list[VariantResult]] = {}
+    for v in variants:
+        groups.setdefault(v.reference, []).append(v)
+    for ref, vs in groups.items():
+        vs = sorted(vs, key=lambda v: v.variant.kv_params[key])
+        xs = [v.variant.kv_params[key] for v in vs]
+        rs = [v.row for v in vs]
         a1.plot(xs, [100 * r["accuracy"] for r in rs], "o-", label=f"{ref} accuracy")
         if all(r.get("token_agreement") is not None for r in rs):
             a1.plot(xs, [100 * r["token_agreement"] for r in rs], "s--", label=f"{ref} token agreement")

@@ -12,6 +12,7 @@ from pydantic import Field
 from thinkpress.api import (
     EvalVariant,
     StageContext,
+    TestSetResult,
     Trainer,
     TrainingError,
     TrainingSet,
@@ -48,19 +49,20 @@ def ratio_tags(data: TrainingSet) -> dict[str, str]:
     return tags
 
 
-def controllability(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per gamma row: actual ratio (mean tokens at gamma / at 1.0) and adherence error |actual - gamma|."""
-    full = next((r for r in rows if r.get("params", {}).get("gamma") == 1.0), None)
-    out = []
-    for r in rows:
-        g = r.get("params", {}).get("gamma")
-        if g is None or full is None or not full["mean_tokens"]:
-            continue
+def controllability(result: TestSetResult) -> list[dict[str, Any]]:
+    """Per gamma variant: actual ratio (mean tokens at gamma / at 1.0) and adherence error |actual - gamma|.
+
+    The keys are added to the variants' rows; the rows with a gamma are returned, largest gamma first.
+    """
+    gammas = [(v.variant.params["gamma"], v.row) for v in result.variants if "gamma" in v.variant.params]
+    full = next((row for g, row in gammas if g == 1.0), None)
+    if full is None or not full["mean_tokens"]:
+        return []
+    for g, r in gammas:
         r["actual_ratio"] = r["mean_tokens"] / full["mean_tokens"]
         r["adherence_error"] = abs(r["actual_ratio"] - g)
         r["accuracy_vs_full"] = r["accuracy"] - full["accuracy"]
-        out.append(r)
-    return sorted(out, key=lambda r: -r["params"]["gamma"])
+    return [r for _, r in sorted(gammas, key=lambda gr: -gr[0])]
 
 
 def plot_ratio(rows: list[dict[str, Any]], path: Path) -> None:
@@ -121,8 +123,8 @@ class TokenSkipSFT(Trainer):
                                    max_new_tokens=math.ceil(g * max_new) if self.config.scale_max_tokens else None))
         return out
 
-    def report_extras(self, rows: list[dict[str, Any]], out_dir: Path) -> list[str]:
-        ctrl = controllability(rows)
+    def report_extras(self, result: TestSetResult, out_dir: Path) -> list[str]:
+        ctrl = controllability(result)
         if not ctrl:
             return []
         plot_ratio(ctrl, out_dir / "ratio.png")
