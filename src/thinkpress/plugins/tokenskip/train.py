@@ -27,8 +27,6 @@ TAGS_FILE = "ratio_tags.json"
 class TokenSkipSFTConfig(SFTConfig):
     """The published TokenSkip recipe (LLaMA-Factory defaults: no LoRA dropout); presets scale it for CPU."""
 
-    rank: int = Field(default=8, ge=1, description="LoRA rank r")
-    alpha: int = Field(default=16, ge=1, description="LoRA alpha")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout")
     lr: float = Field(default=5e-5, gt=0.0, description="Peak learning rate")
     epochs: float = Field(default=3.0, gt=0.0, description="Passes over the training set")
