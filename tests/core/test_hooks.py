@@ -151,7 +151,7 @@ def test_register_rejects_undescribed_config_field():
 def test_hook_register_engines():
     made = []
     reg = registry_with(mine=_plugin(register_engines=lambda register: register("fake", lambda cfg: made.append(cfg))))
-    assert set(reg.engines) == {"hf", "fake"}
+    assert set(reg.engines) == {"hf", "vllm", "fake"}
     reg.engine("fake")("cfg")
     assert made == ["cfg"] and reg.engines["fake"][1] == "mine"
 

@@ -34,23 +34,39 @@ def test_a_component_that_needs_scoring_is_refused_by_an_engine_without_it():
     reg = _registry()
     assert reg.engine_capabilities("hf") == {"scoring", "forced_decode", "kv_policy", "adapters"}
     assert reg.engine_capabilities("text-only") == frozenset()
-    with pytest.raises(ConfigError, match=r"'text-only' does not provide 'scoring', which refiner 'kl-step'"):
-        _plan(reg, ["tokensqueeze"], "text-only")
-    _plan(reg, ["tokensqueeze"], "fake")  # fake scores: kl-step may run on it
+    with pytest.raises(ConfigError, match=r"refiner 'kl-step' \(tokensqueeze\) needs 'scoring'.*engine 'text-only' "
+                                          r"provides generation only"):
+        _plan(reg, ["tokensqueeze"], "text-only", "fallback_engine=null")
+    assert _plan(reg, ["tokensqueeze"], "fake").engines["refiner kl-step"] == "fake"  # fake scores
+
+
+def test_what_the_engine_lacks_runs_on_the_fallback_engine():
+    reg = _registry()
+    plan = _plan(reg, ["tokensqueeze"], "text-only", "eval.enabled=false")
+    assert plan.engines == {"sampler self-sampler": "text-only", "selector q-dyn": "text-only",
+                            "refiner kl-step": "hf", "trainer dpo-l": "text-only"}
+    with pytest.raises(ConfigError, match=r"kl-step' \(tokensqueeze\) needs 'scoring', .*engine 'text-only' "
+                                          r"provides generation only"):
+        _plan(reg, ["tokensqueeze"], "fake", "fallback_engine=text-only", "engine=text-only", "eval.enabled=false")
+    with pytest.raises(ConfigError, match="fallback_engine: unknown engine 'nope'"):
+        _plan(reg, ["tokensqueeze"], "text-only", "fallback_engine=nope")
 
 
 def test_evaluation_needs_are_checked_too():
     reg = _registry()
-    with pytest.raises(ConfigError, match="'fake' does not provide 'kv_policy', which kv pruner 'rkv'"):
-        _plan(reg, ["rkv"], "fake")
-    with pytest.raises(ConfigError, match="does not provide 'adapters', which evaluating the trained adapter"):
-        _plan(reg, ["baseline"], "text-only")
-    _plan(reg, ["baseline"], "text-only", "eval.enabled=false")  # no evaluation: no adapter needed
+    with pytest.raises(ConfigError, match=r"the evaluation needs '(kv_policy|forced_decode)'"):
+        _plan(reg, ["rkv"], "fake", "fallback_engine=null")
+    plan = _plan(reg, ["rkv"], "fake")  # KV variants and their full-cache references all decode on hf
+    assert plan.eval_engine == "hf" and plan.engines["kv pruner rkv"] == "hf"
+    with pytest.raises(ConfigError, match=r"needs 'adapters' \(evaluating the trained adapter\)"):
+        _plan(reg, ["baseline"], "text-only", "fallback_engine=null")
+    assert _plan(reg, ["baseline"], "text-only").eval_engine == "hf"
+    _plan(reg, ["baseline"], "text-only", "eval.enabled=false", "fallback_engine=null")  # no adapter needed
 
 
 def test_a_token_scorer_needs_scoring_only_when_it_scores_with_the_run_engine():
     reg = _registry()
-    with pytest.raises(ConfigError, match="'scoring', which pruner 'tokenskip'"):
-        _plan(reg, ["tokenskip"], "text-only", "eval.enabled=false")
+    with pytest.raises(ConfigError, match="pruner 'tokenskip' .*needs 'scoring'"):
+        _plan(reg, ["tokenskip"], "text-only", "eval.enabled=false", "fallback_engine=null")
     _plan(reg, ["tokenskip"], "text-only", "eval.enabled=false",
           "components.tokenskip.scorer_options={model: smollm2-135m}")

@@ -1,7 +1,8 @@
 """One contract, every engine: what the core and the methods rely on, checked on each implementation.
 
-``fake`` (a weightless toy LM) and ``hf`` (a 2-layer random llama with SmolLM2's tokenizer, fp32) run
-here; a new engine adds itself to the ``engine`` fixture. Capability-specific checks run only where the engine
+``fake`` (a weightless toy LM), ``hf`` (a 2-layer random llama with SmolLM2's tokenizer, fp32) and
+``vllm`` (SmolLM2-135M, fp32; after all other tests) run here; a new engine adds itself to the
+``engine`` fixture. Capability-specific checks run only where the engine
 declares the capability, and the others must refuse with a clear ``ModelError``.
 """
 
@@ -16,10 +17,12 @@ QUESTIONS = ["Tom has 3 apples and buys 5 more. How many apples does he have?", 
              "A box holds 12 pens. How many pens are in 4 boxes?"]
 
 
-@pytest.fixture(params=["fake", "hf"])
+@pytest.fixture(params=["fake", "hf", pytest.param("vllm", marks=pytest.mark.vllm)])
 def engine(request):
     if request.param == "fake":
         return FakeEngine(system_prompt="Answer.")
+    if request.param == "vllm":  # SmolLM2-135M in fp32 (vLLM's CPU attention needs real head sizes)
+        return request.getfixturevalue("vllm_engine")
     return HFEngine.from_pretrained(request.getfixturevalue("tiny_llama"), dtype="float32", system_prompt="Answer.")
 
 

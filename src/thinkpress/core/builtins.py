@@ -9,8 +9,10 @@ from thinkpress.core.datasets import BUILTIN_DATASETS
 @hookimpl
 def register_engines(register):
     from thinkpress.core.engines.hf import build_hf_engine
+    from thinkpress.core.engines.vllm import build_vllm_engine
 
     register("hf", build_hf_engine)
+    register("vllm", build_vllm_engine)
 
 
 @hookimpl
@@ -24,8 +26,10 @@ def register_presets(register):
     # SmolLM2-135M, a handful of one-step problems: the whole pipeline in minutes on 2 cores.
     # SmolLM2 solves only ~5-10% of them and ignores the \boxed{} instruction, so the smoke preset
     # drops the system prompt (its own default reads better).
+    # The hf engine: smoke runs generate a few thousand tokens, less than vLLM's start-up costs.
     register("smoke", {
         "model": "smollm2-135m",
+        "engine": "hf",
         "system_prompt": None,
         "train_data": {"name": "arith", "split": "train", "limit": 16, "difficulty": [1]},
         "test_data": [{"name": "arith", "split": "test", "limit": 16, "difficulty": [1]}],

@@ -226,14 +226,17 @@ def plan_cmd(plugins, preset, config_file, sets, as_json):
     steps = [(stage, p) for stage, p in plan.steps()]
     if as_json:
         click.echo(json.dumps({"train": plan.train, "steps": [
-            {"stage": s, "component": p.name, "plugin": p.entry.plugin,
+            {"stage": s, "component": p.name, "plugin": p.entry.plugin, "engine": plan.engine_for(s, p.name),
              "config": p.instance.config.model_dump(mode="json")} for s, p in steps],
-            "test_sets": [d.model_dump(mode="json") for d in cfg.test_data]}, indent=2))
+            "engines": plan.engines, "test_sets": [d.model_dump(mode="json") for d in cfg.test_data]}, indent=2))
         return
-    click.echo(f"model {cfg.model}, preset {cfg.preset}, plugins {', '.join(cfg.plugins) or '-'}")
+    click.echo(f"model {cfg.model}, preset {cfg.preset}, plugins {', '.join(cfg.plugins) or '-'}, "
+               f"engine {cfg.engine} (fallback {cfg.fallback_engine or '-'})")
     for stage, p in steps:
         conf = ", ".join(f"{k}={v}" for k, v in p.instance.config.model_dump(mode="json").items())
-        click.echo(f"  {stage:<10} {p.name} ({p.entry.plugin}): {conf}")
+        click.echo(f"  {stage:<10} {p.name} ({p.entry.plugin}) on {plan.engine_for(stage, p.name)}: {conf}")
+    if plan.eval_engine:
+        click.echo(f"  evaluation on {plan.eval_engine}")
     if not plan.train:
         click.echo("  (no training stages: an evaluation run)")
     for d in cfg.test_data:

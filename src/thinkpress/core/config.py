@@ -87,7 +87,13 @@ class RunConfig(Strict):
     name: str | None = Field(default=None, description="Run name (default: derived from plugins and config hash)")
     preset: str | None = Field(default=None, description="Preset the config started from (plugins declare presets)")
     model: str = Field(default="qwen2.5-coder-0.5b", description="Embedded model name, local directory or Hub id")
-    engine: str = Field(default="hf", description="Generation backend (hf, vllm)")
+    engine: str = Field(default="auto", description="Generation backend: hf, vllm, or auto (vllm when it is "
+                        "installed and importable here, else hf; the resolved name is what the run saves)")
+    engine_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-engine options keyed by engine name (e.g. engine_options.vllm."
+        "tensor_parallel_size), checked by the engine before any work")
+    fallback_engine: str | None = Field(default="hf", description="Engine for the stages and evaluations that need "
+                                        "a capability `engine` lacks (e.g. scoring, KV policies); None: refuse")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Model dtype")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     trust_remote_code: bool = Field(default=False, description="Allow model repos to run their own code")
@@ -288,9 +294,12 @@ def build_config(
     if with_selected != unconditional:
         data = layered(with_selected)
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+    if cfg.engine == "auto":
+        cfg.engine = registry.auto_engine(cfg)
+    return cfg
 
 
 def dump_yaml(cfg: RunConfig) -> str:

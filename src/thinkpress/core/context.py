@@ -54,19 +54,32 @@ class RunState:
     registry: Registry
     store: RunStore
     ui: UI
-    _engines: dict[str, Engine] = field(default_factory=dict)
+    _engines: dict[tuple[str, str], Engine] = field(default_factory=dict)
 
-    def engine(self, adapter: str | None = None) -> Engine:
-        """The engine for the base model (or base + ``adapter``), loaded once per run."""
-        key = adapter or ""
+    def engine(self, adapter: str | None = None, name: str | None = None) -> Engine:
+        """Engine ``name`` (default: the run's ``engine``) for the base model or base + ``adapter``.
+
+        Each engine loads the model once per run; adapters are views of that engine
+        (``with_adapter``), kept for the rest of the run.
+        """
+        name = name or self.config.engine
+        key = (name, adapter or "")
         if key not in self._engines:
             if not adapter:
-                factory = self.registry.engine(self.config.engine)
-                self.ui.info(f"loading model {self.config.model} (engine {self.config.engine})")
+                factory = self.registry.engine(name)
+                self.ui.info(f"loading model {self.config.model} (engine {name})")
                 self._engines[key] = factory(self.config)
             else:
-                self._engines[key] = self.engine().with_adapter(adapter)
+                self._engines[key] = self.engine(name=name).with_adapter(adapter)
         return self._engines[key]
+
+    def close(self) -> None:
+        """Release the engines that hold processes (vLLM replicas)."""
+        for eng in self._engines.values():
+            close = getattr(eng, "close", None)
+            if close is not None and getattr(eng, "lora", None) is None:
+                close()
+        self._engines.clear()
 
 
 @dataclass
@@ -81,6 +94,8 @@ class StageContext:
     key: str
     stats: dict[str, Any] = field(default_factory=dict)
     """Counters a component records (they land in the stage's meta.json and report.json)."""
+    engine_name: str | None = None
+    """The engine the plan assigned to this stage (None: the run's ``engine``)."""
 
     @property
     def config(self) -> RunConfig:
@@ -92,7 +107,8 @@ class StageContext:
 
     @property
     def engine(self) -> Engine:
-        return self.run.engine()
+        """The engine assigned to this stage, with the capabilities its component declared it needs."""
+        return self.run.engine(name=self.engine_name)
 
     @property
     def ui(self) -> UI:

@@ -18,7 +18,7 @@ from thinkpress.core.data import Prediction, Problem, TrainResult, read_jsonl, w
 from thinkpress.core.evaluation import grade, kv_agreement, paired_flips, summarize, with_intervals
 from thinkpress.core.files import atomic_write_json
 from thinkpress.core.manifest import adapter_identity
-from thinkpress.core.planning import Plan, Planned, TestSet
+from thinkpress.core.planning import Plan, Planned, TestSet, engine_identity
 from thinkpress.core.stages import EvalVariant
 from thinkpress.core.store import RunStore, stable_hash
 
@@ -69,12 +69,13 @@ class Evaluator:
                            top_p=g.top_p, stop=g.stop)
         # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter.
         # "eval-v3": unmerged adapters and strict grading (older cached evaluations are not reused).
+        engine_name = self.plan.eval_engine or self.cfg.engine
         key = stable_hash("eval-v3", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, ts.key,
                           g.model_dump(mode="json"), self.model_id, self.cfg.system_prompt, self.cfg.dtype,
-                          self.cfg.seed)
+                          self.cfg.seed, *engine_identity(self.cfg, engine_name))
         path = self.store.stage_cache(key)
-        ctx = StageContext(self.state, "eval", v.name, path, key)
-        engine = self.state.engine(v.adapter)
+        ctx = StageContext(self.state, "eval", v.name, path, key, engine_name=engine_name)
+        engine = self.state.engine(v.adapter, name=engine_name)
         policy = None
         if v.kv_pruner:
             kv = next(p for p in self.plan.kv_pruners if p.name == v.kv_pruner)
@@ -96,7 +97,8 @@ class Evaluator:
                                        kv_evicted=engine.stats.kv_evicted / len(chunk)))
             return recs
 
-        recs = ctx.journal_map(ts.problems, run_chunk, chunk_size=g.batch_size, item_id=lambda p: p.id,
+        recs = ctx.journal_map(ts.problems, run_chunk, chunk_size=engine.preferred_chunk(g.batch_size),
+                               item_id=lambda p: p.id,
                                desc=f"eval {v.name} on {ts.name}")
         out_dir = self._eval_dir(ts, v.name)
         write_jsonl(out_dir / "predictions.jsonl", recs)

@@ -1,8 +1,9 @@
 """Stage execution: each training stage through the ``run_stage`` hook, cached under a content key.
 
 A stage's key hashes the stage, the component and its config, the keys of its inputs, the model
-identity, the seed, the system prompt and the dtype. A finished stage (``meta.json`` written last)
-is loaded instead of recomputed; long stages resume from their journal (see :mod:`.store`).
+identity, the seed, the system prompt, the dtype and the engine that runs it (with its options). A
+finished stage (``meta.json`` written last) is loaded instead of recomputed; long stages resume from
+their journal (see :mod:`.store`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from thinkpress.core.data import (
 from thinkpress.core.errors import PluginError, ThinkpressError
 from thinkpress.core.files import atomic_write_json
 from thinkpress.core.manifest import peak_rss_mb
-from thinkpress.core.planning import Plan, Planned
+from thinkpress.core.planning import Plan, Planned, engine_identity
 from thinkpress.core.plugins import Registry
 from thinkpress.core.store import RunStore, stable_hash
 
@@ -35,8 +36,10 @@ from thinkpress.core.store import RunStore, stable_hash
 class StageExecutor:
     """Runs the training stages of a plan: sampler, selector, refiners, trace pruners, trainer."""
 
-    def __init__(self, cfg: RunConfig, reg: Registry, store: RunStore, state: RunState, ui: UI, model_id: str):
+    def __init__(self, cfg: RunConfig, reg: Registry, store: RunStore, state: RunState, ui: UI, model_id: str,
+                 plan: Plan):
         self.cfg, self.reg, self.store, self.state, self.ui, self.model_id = cfg, reg, store, state, ui, model_id
+        self.plan = plan
         self.stage_info: dict[str, Any] = {}
         """Per stage label: component, plugin, key, wall time, cached, stats (for the report)."""
 
@@ -44,11 +47,13 @@ class StageExecutor:
                   input_keys: list[str]) -> tuple[Any, str]:
         """Run (or load from the cache) one stage; returns its output and its cache key."""
         comp = planned.instance
+        engine = self.plan.engine_for(stage, planned.name) or self.cfg.engine
         key = stable_hash(stage, planned.name, comp.config.model_dump(mode="json"), input_keys, self.model_id,
-                          self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype)
+                          self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype, *engine_identity(self.cfg, engine))
         path = self.store.stage_cache(key)
         label = f"{index}-{stage}-{planned.name}"
-        ctx = StageContext(run=self.state, stage=stage, component=planned.name, workdir=path, key=key)
+        ctx = StageContext(run=self.state, stage=stage, component=planned.name, workdir=path, key=key,
+                           engine_name=engine)
         if self.store.is_complete(path):
             self.ui.info(f"[{stage}:{planned.name}] cached ({key[:12]})")
             meta = json.loads((path / "meta.json").read_text())
@@ -63,11 +68,13 @@ class StageExecutor:
             wall = time.perf_counter() - t0
             self._save_output(stage, path, result)
             meta = {"stage": stage, "component": planned.name, "plugin": planned.entry.plugin, "key": key,
+                    "engine": engine,
                     "inputs": input_keys, "config": comp.config.model_dump(mode="json"), "wall_s": wall,
                     "peak_rss_mb_process": peak_rss_mb(), "stats": ctx.stats, "cached": False}
             atomic_write_json(path / "meta.json", meta)  # the completion marker: written last
         self.store.publish_stage(path, label)
-        self.stage_info[label] = {k: meta.get(k) for k in ("component", "plugin", "key", "wall_s", "cached", "stats")}
+        self.stage_info[label] = {k: meta.get(k) for k in ("component", "plugin", "engine", "key", "wall_s", "cached",
+                                                           "stats")}
         return result, key
 
     @staticmethod

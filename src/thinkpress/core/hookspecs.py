@@ -96,7 +96,10 @@ def register_engines(register):
         ``capabilities`` (a set of :class:`~thinkpress.core.engines.base.Capability`: what the engine
         does beyond generating; without it, generation only), checked against what the plan needs
         before any model loads, and ``deterministic = True`` when the same inputs give the same tokens
-        on CPU (otherwise the report says run-to-run determinism is not established).
+        on CPU (otherwise the report says run-to-run determinism is not established). It may also
+        carry ``check(config)``, called at plan time for every engine the plan uses (raise
+        :class:`~thinkpress.core.errors.ConfigError` for bad ``engine_options.<name>`` or a missing
+        install), and ``auto = True`` to be chosen by ``engine: auto`` when its check passes.
     :return: nothing.
     """
 

@@ -45,7 +45,7 @@ def manifest(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def nondeterminism(cfg: RunConfig, engine_factory: Any) -> list[str]:
+def nondeterminism(cfg: RunConfig, engine_factories: dict[str, Any]) -> list[str]:
     """Known sources of run-to-run differences for this config (empty: same config, same numbers).
 
     An engine factory declares ``deterministic = True`` when the same inputs give the same tokens on
@@ -55,8 +55,9 @@ def nondeterminism(cfg: RunConfig, engine_factory: Any) -> list[str]:
     import torch
 
     notes = []
-    if not getattr(engine_factory, "deterministic", False):
-        notes.append(f"engine {cfg.engine!r}: run-to-run determinism not established")
+    for name, factory in engine_factories.items():
+        if not getattr(factory, "deterministic", False):
+            notes.append(f"engine {name!r}: run-to-run determinism not established")
     if torch.cuda.is_available() and not cfg.device.startswith("cpu"):
         notes.append("CUDA: cuBLAS/SDPA kernels and atomics can change low bits between runs, and so greedy "
                      "tokens near ties")

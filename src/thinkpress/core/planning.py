@@ -58,6 +58,17 @@ class Plan:
     kv_pruners: list[Planned]
     train: bool
     component_configs: dict[str, Any] = field(default_factory=dict)
+    engines: dict[str, str] = field(default_factory=dict)
+    """Which engine runs what: ``"<stage> <component>"`` and ``"evaluation"`` -> engine name
+    (see :func:`assign_engines`)."""
+
+    def engine_for(self, stage: str, component: str) -> str | None:
+        """The engine assigned to a stage's component (None: the run's engine)."""
+        return self.engines.get(f"{stage} {component}")
+
+    @property
+    def eval_engine(self) -> str | None:
+        return self.engines.get("evaluation")
 
     def active(self) -> list[Planned]:
         """The components this plan runs (training stages only when it trains)."""
@@ -80,6 +91,8 @@ class Plan:
                   "refiners": [p.name for p in self.refiners], "pruners": [p.name for p in self.trace_pruners],
                   "trainer": self.trainer.name}
         d["kv_pruners"] = [p.name for p in self.kv_pruners]
+        if self.engines:
+            d["engines"] = dict(self.engines)
         return d
 
 
@@ -164,7 +177,7 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
     )
     for planned in plan.active():
         planned.instance.check(reg)
-    check_capabilities(plan, cfg, reg)
+    plan.engines = assign_engines(plan, cfg, reg)
     return plan
 
 
@@ -180,17 +193,69 @@ def evaluation_requirements(plan: Plan, cfg: RunConfig) -> dict[str, str]:
     return need
 
 
-def check_capabilities(plan: Plan, cfg: RunConfig, reg: Registry) -> None:
-    """Refuse a plan whose components or evaluation need what engine ``cfg.engine`` does not provide."""
-    have = reg.engine_capabilities(cfg.engine)
-    needs = [(cap, f"{stage} {p.name!r} ({p.entry.plugin})") for stage, p in plan.steps()
-             for cap in sorted(p.instance.requirements())]
-    needs += [(cap, why) for cap, why in evaluation_requirements(plan, cfg).items()]
-    for cap, who in needs:
-        if cap not in have:
-            raise ConfigError(f"engine: {cfg.engine!r} does not provide {cap!r}, which {who} needs "
-                              f"({cfg.engine!r} provides: {', '.join(sorted(have)) or 'generation only'}); "
-                              "choose another engine or drop the component")
+def engine_identity(cfg: RunConfig, engine: str) -> list[Any]:
+    """What of the engine goes into a cache key: its name and its ``engine_options`` (outputs depend on both).
+
+    The hf engine without options adds nothing, so the stage and evaluation caches of runs made before
+    engines were selectable (all on hf) stay valid.
+    """
+    options = cfg.engine_options.get(engine, {})
+    return [] if engine == "hf" and not options else [engine, options]
+
+
+def assign_engines(plan: Plan, cfg: RunConfig, reg: Registry) -> dict[str, str]:
+    """Give each training stage and the evaluation the engine that has the capabilities it needs.
+
+    ``cfg.engine`` runs everything it can; what needs a capability it lacks runs on
+    ``cfg.fallback_engine`` (e.g. vllm samples and evaluates, hf scores for the KL refiner and
+    decodes under KV policies). The evaluation runs on one engine for all its variants, so KV
+    variants and their full-cache references are decoded by the same engine. A need that neither
+    engine meets is refused here, before any work, naming the component, the capability and both
+    engines. Every engine the plan uses has its factory's ``check(cfg)`` called.
+    """
+    main, fallback = cfg.engine, cfg.fallback_engine
+    reg.engine(main)
+    if fallback is not None:
+        try:
+            reg.engine(fallback)
+        except PluginError as e:
+            raise ConfigError(f"fallback_engine: {e}") from None
+    have = {main: reg.engine_capabilities(main)}
+    if fallback is not None:
+        have[fallback] = reg.engine_capabilities(fallback)
+
+    def pick(needs: dict[str, str | None], who: str) -> str:
+        if all(cap in have[main] for cap in needs):
+            return main
+        lack = next(cap for cap in needs if cap not in have[main])
+        if fallback is not None and all(cap in have[fallback] for cap in needs):
+            return fallback
+        engines = f"engine {main!r} provides {', '.join(sorted(have[main])) or 'generation only'}"
+        if fallback is not None and fallback != main:
+            engines += f", fallback_engine {fallback!r} provides {', '.join(sorted(have[fallback])) or 'nothing more'}"
+        why = f" ({needs[lack]})" if needs[lack] else ""
+        raise ConfigError(f"{who} needs {lack!r}{why}, which no engine of this run provides ({engines}); "
+                          "choose another engine or drop the component")
+
+    out: dict[str, str] = {}
+    for stage, p in plan.steps():
+        if stage == "kv pruner":
+            continue
+        needs: dict[str, str | None] = {cap: None for cap in sorted(p.instance.requirements())}
+        out[f"{stage} {p.name}"] = pick(needs, f"{stage} {p.name!r} ({p.entry.plugin})")
+    if cfg.eval.enabled:
+        needs: dict[str, str | None] = dict(evaluation_requirements(plan, cfg))
+        for p in plan.kv_pruners:
+            for cap in sorted(p.instance.requirements()):
+                needs.setdefault(cap, f"KV policy {p.name!r} ({p.entry.plugin})")
+        out["evaluation"] = pick(needs, "the evaluation")
+        for p in plan.kv_pruners:
+            out[f"kv pruner {p.name}"] = out["evaluation"]
+    for name in sorted(set(out.values())):
+        check = getattr(reg.engine(name), "check", None)
+        if check is not None:
+            check(cfg)
+    return out
 
 
 def load_problems(spec: DataSpec, reg: Registry, seed: int, where: str) -> tuple[list[Problem], dict]:

@@ -28,7 +28,7 @@ import pluggy
 
 from thinkpress.core import hookspecs
 from thinkpress.core.config import deep_merge
-from thinkpress.core.errors import ConfigError, PluginError
+from thinkpress.core.errors import ConfigError, PluginError, ThinkpressError
 from thinkpress.core.stages import STAGE_BASES, Component, KVPruner
 
 ENTRY_POINT_GROUP = "thinkpress"
@@ -152,6 +152,18 @@ class Registry:
         if name not in self.engines:
             raise PluginError(f"unknown engine {name!r}; available: {', '.join(sorted(self.engines))}")
         return self.engines[name][0]
+
+    def auto_engine(self, cfg: Any) -> str:
+        """``engine: auto``: the first registered engine whose factory sets ``auto = True`` and whose
+        ``check(cfg)`` passes here (vllm when importable), else ``cfg.fallback_engine`` (hf)."""
+        for name, (factory, _plugin) in self.engines.items():
+            if getattr(factory, "auto", False):
+                try:
+                    getattr(factory, "check", lambda c: None)(cfg)
+                except ThinkpressError:
+                    continue
+                return name
+        return cfg.fallback_engine or "hf"
 
     def engine_capabilities(self, name: str) -> frozenset[str]:
         """What engine ``name`` declares it can do (its factory's ``capabilities``; none: generation only)."""

@@ -163,6 +163,8 @@ def write_report(run: RunResult) -> dict[str, Any]:
         plot(results, out / "plot.png")
     md = [f"# thinkpress run: {', '.join(cfg.plugins)}", "",
           f"- model: `{cfg.model}`  ",
+          "- engines: " + (", ".join(f"{what}: `{eng}`" for what, eng in run.plan.engines.items())
+                           or f"`{cfg.engine}`") + "  ",
           "- test sets: " + ", ".join(f"`{ts.name}` ({ts.spec.split}, n={len(ts.problems)})" for ts in sets) + "  ",
           f"- config hash: `{report['config_hash']}`  ",
           f"- wall time: {run.timings.get('total_s', 0):.0f} s (training stages "
@@ -181,9 +183,10 @@ def write_report(run: RunResult) -> dict[str, Any]:
     if extra:
         md += [*extra, ""]
     if run.stages:
-        md += ["## Stages", "", "| stage | plugin | wall s | cached | stats |", "|---|---|---|---|---|"]
+        md += ["## Stages", "", "| stage | plugin | engine | wall s | cached | stats |", "|---|---|---|---|---|---|"]
         for label, s in run.stages.items():
             stats = ", ".join(f"{k}={fmt(v)}" for k, v in (s.get("stats") or {}).items())
-            md.append(f"| {label} | {s['plugin']} | {fmt(s['wall_s'])} | {s['cached']} | {stats} |")
+            md.append(f"| {label} | {s['plugin']} | {s.get('engine') or cfg.engine} | {fmt(s['wall_s'])} | "
+                      f"{s['cached']} | {stats} |")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return report

@@ -53,10 +53,11 @@ class Runner:
         self.model_id = model_identity(cfg.model)
         self.store = RunStore(cfg.run_dir(), cfg.stage_cache_dir())
         self.state = RunState(cfg, self.reg, self.store, self.ui)
-        self.executor = StageExecutor(cfg, self.reg, self.store, self.state, self.ui, self.model_id)
+        self.executor = StageExecutor(cfg, self.reg, self.store, self.state, self.ui, self.model_id, self.plan)
         self.evaluator = Evaluator(cfg, self.store, self.state, self.plan, self.model_id)
         self.timings: dict[str, float] = {}
-        self.nondeterminism = nondeterminism(cfg, self.reg.engine(cfg.engine))
+        used = sorted(set(self.plan.engines.values())) or [cfg.engine]
+        self.nondeterminism = nondeterminism(cfg, {name: self.reg.engine(name) for name in used})
         self.result: RunResult | None = None
         """The finished run (after :meth:`run`)."""
 
@@ -113,5 +114,6 @@ class Runner:
             self.result = run
             return write_report(run)
         finally:
+            self.state.close()
             log.removeHandler(handler)
             handler.close()

@@ -30,7 +30,7 @@ def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, param
                                       logprob=sum(c.logprobs) if c.logprobs else None))
         return samples
 
-    chunk = max(1, batch_size // n)
+    chunk = max(1, engine.preferred_chunk(batch_size) // n)
     recs = ctx.journal_map(problems, run_chunk, chunk_size=chunk, item_id=lambda p: p.id, desc=desc,
                            units_per_item=n)
     samples = [Sample.model_validate(r) for r in recs]

@@ -63,6 +63,8 @@ class GenStats:
     """Accumulated decoding statistics (the engine adds to them on every call)."""
 
     new_tokens: int = 0
+    prompt_tokens: int = 0
+    """Prompt tokens the engine read (once per prompt and sample)."""
     sequences: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -136,6 +138,13 @@ class Engine(ABC):
 
     def supports(self, cap: Capability) -> bool:
         return cap in self.capabilities
+
+    def preferred_chunk(self, batch_size: int) -> int:
+        """How many sequences to hand to one ``generate`` call (and to journal as one resumable chunk).
+
+        Default: ``batch_size``. An engine that batches continuously (vllm) asks for more.
+        """
+        return batch_size
 
     @abstractmethod
     def chat_prompt(self, question: str, system: str | None = None, suffix: str = "") -> str:

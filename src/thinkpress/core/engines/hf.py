@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from thinkpress.core.engines.base import Capability, Completion, Engine, GenParams, GenStats, KVPolicy, ProgressFn
+from thinkpress.core.engines.tokenizer import ChatTokenizer, eos_ids
 from thinkpress.core.errors import ModelError
 from thinkpress.core.models import load_causal_lm
 from thinkpress.kernels import TokenScores, token_scores
@@ -48,7 +49,7 @@ def _select_rows(cache: Any, idx: torch.Tensor) -> None:
             layer.values = layer.values.index_select(0, idx)
 
 
-class HFEngine(Engine):
+class HFEngine(ChatTokenizer, Engine):
     name = "hf"
     capabilities = frozenset(Capability)
 
@@ -63,11 +64,7 @@ class HFEngine(Engine):
         self.trust_remote_code = trust_remote_code
         self.device = next(model.parameters()).device
         self.stats = GenStats()
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            ids.add(tokenizer.eos_token_id)
-        self.eos_ids = sorted(i for i in ids if i is not None)
+        self.eos_ids = eos_ids(tokenizer, model.generation_config)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     @classmethod
@@ -77,28 +74,6 @@ class HFEngine(Engine):
             trust_remote_code=kw.get("trust_remote_code", False),
         )
         return cls(model, tok, model_path=path, **kw)
-
-    # -- prompts -------------------------------------------------------------------------------
-    def chat_prompt(self, question: str, system: str | None = None, suffix: str = "") -> str:
-        system = self.system_prompt if system is None else system
-        msgs = [{"role": "system", "content": system}] if system else []
-        msgs.append({"role": "user", "content": question + suffix})
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return "\n\n".join(m["content"] for m in msgs) + "\n\n"
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def token_offsets(self, text: str) -> list[int]:
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise ModelError(f"character offsets need a fast (Rust) tokenizer; {type(self.tokenizer).__name__} is not")
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [a for a, _ in enc["offset_mapping"]]
-
-    def _encode(self, text: str) -> list[int]:
-        # Chat-templated prompts already hold their special tokens.
-        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts, params: GenParams, *, n=1, seeds=None, kv_policy=None, batch_size=8,
@@ -144,6 +119,7 @@ class HFEngine(Engine):
         from transformers import DynamicCache
 
         enc = [self._encode(p) for p in prompts]
+        self.stats.prompt_tokens += sum(len(e) for e in enc)
         B = len(enc)
         L = max(len(e) for e in enc)
         input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
