@@ -70,3 +70,13 @@ def test_a_token_scorer_needs_scoring_only_when_it_scores_with_the_run_engine():
         _plan(reg, ["tokenskip"], "text-only", "eval.enabled=false", "fallback_engine=null")
     _plan(reg, ["tokenskip"], "text-only", "eval.enabled=false",
           "components.tokenskip.scorer_options={model: smollm2-135m}")
+
+
+def test_the_engine_and_its_options_enter_cache_keys_except_plain_hf():
+    from thinkpress.core.planning import engine_identity
+
+    cfg = build_config(preset="smoke", registry=_registry())
+    assert engine_identity(cfg, "hf") == []  # caches of runs made before engines were selectable stay valid
+    assert engine_identity(cfg, "vllm") == ["vllm", {}]
+    tp = build_config(preset="smoke", sets=["engine_options.vllm.max_num_seqs=8"], registry=_registry())
+    assert engine_identity(tp, "vllm") != engine_identity(cfg, "vllm")

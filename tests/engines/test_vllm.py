@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import cli_env, require_vllm, run_cli
 
-from tests.conftest import cli_env, require_vllm, run_cli
 from thinkpress.core.config import build_config
 from thinkpress.core.engines.base import GenParams, KVPolicy
 from thinkpress.core.errors import ConfigError, ModelError
