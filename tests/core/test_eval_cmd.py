@@ -25,7 +25,7 @@ def tiny_adapter(tmp_path_factory, tiny_llama) -> str:
 def test_eval_command_two_sets_base_and_adapter(tmp_path, tiny_llama, tiny_adapter):
     args = ["eval", "--model", tiny_llama, "--adapter", tiny_adapter, "--data", "gsm8k", "--data", "arith",
             "--set", "test_data.limit=6", "--set", "eval.generation.max_new_tokens=12", "--set", "eval.batch_size=3",
-            "--set", f"cache_dir={tmp_path / 'cache'}", "--quiet"]
+            "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "engine=hf", "--quiet"]
     bad = run_cli([*args[:-1], "--out", str(tmp_path / "r0")])
     assert bad.returncode == 2 and "eval.batch_size: unknown key" in bad.stderr
     args[args.index("eval.batch_size=3")] = "eval.generation.batch_size=3"

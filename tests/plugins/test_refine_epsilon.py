@@ -91,7 +91,7 @@ def _refine(tmp_path, candidates=CANDIDATES, a=0.5, **cfg):
     state = RunState(conf, build_registry(load_entry_points=False), RunStore(tmp_path / "run", tmp_path / "c"),
                      UI(quiet=True))
     engine = FakeEngine(candidates, a)
-    state._engines[""] = engine  # the run's engine: never loads a model
+    state._engines[(conf.engine, "")] = engine  # the run's engine: never loads a model
     ctx = StageContext(run=state, stage="refiner", component="kl-step", workdir=tmp_path / "work", key="k")
     trace = DELIM.join(STEPS)
     data = TrainingSet(examples=[Example(id="e", problem_id="a", prompt=PROMPT, completion=trace)],
