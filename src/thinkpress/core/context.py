@@ -74,10 +74,10 @@ class RunState:
         return self._engines[key]
 
     def close(self) -> None:
-        """Release the engines that hold processes (vLLM replicas)."""
-        for eng in self._engines.values():
+        """Release what the loaded engines hold (e.g. vLLM replica processes); adapter views share it."""
+        for (_name, adapter), eng in self._engines.items():
             close = getattr(eng, "close", None)
-            if close is not None and getattr(eng, "lora", None) is None:
+            if close is not None and not adapter:
                 close()
         self._engines.clear()
 
