@@ -44,3 +44,20 @@ def test_an_evaluation_run_writes_a_report_per_test_set_and_reuses_its_cache(tmp
     # a second run of the same config in another directory reads the cached evaluations: same numbers
     _, again = _run(tmp_path, "b")
     assert again["test_sets"] == report["test_sets"]
+
+
+def test_engines_load_once_per_name_and_adapter_and_are_closed_once(tmp_path):
+    from thinkpress.core.context import RunState
+    from thinkpress.core.store import RunStore
+
+    reg = _registry()
+    cfg = build_config(preset="smoke", sets=["engine=fake"], registry=reg)
+    state = RunState(cfg, reg, RunStore(tmp_path / "run", tmp_path / "c"), UI(quiet=True))
+    base = state.engine()
+    assert state.engine(name="fake") is base and state.engine(adapter=str(tmp_path)) is not base
+    assert state.engine(adapter=str(tmp_path)) is state.engine(adapter=str(tmp_path), name="fake")
+    closed = []
+    base.close = lambda: closed.append("base")
+    state.engine(adapter=str(tmp_path)).close = lambda: closed.append("adapter view")
+    state.close()
+    assert closed == ["base"] and state.engine() is not base  # closed engines are dropped, a new one loads
