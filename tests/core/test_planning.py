@@ -80,3 +80,14 @@ def test_the_engine_and_its_options_enter_cache_keys_except_plain_hf():
     assert engine_identity(cfg, "vllm") == ["vllm", {}]
     tp = build_config(preset="smoke", sets=["engine_options.vllm.max_num_seqs=8"], registry=_registry())
     assert engine_identity(tp, "vllm") != engine_identity(cfg, "vllm")
+
+
+def test_a_stage_on_the_fallback_engine_is_keyed_by_the_run_engine_it_samples_on():
+    from thinkpress.core.planning import stage_engine_identity
+
+    hf = build_config(preset="smoke", registry=_registry())
+    vl = build_config(preset="smoke", sets=["engine=vllm"], registry=_registry())
+    assert stage_engine_identity(hf, "hf") == []  # an all-hf run keeps its keys
+    assert stage_engine_identity(vl, "vllm") == ["vllm", {}]
+    # the KL refiner scores on hf in both runs but draws its candidates on the run's engine: different keys
+    assert stage_engine_identity(vl, "hf") == ["generator", "vllm", {}] != stage_engine_identity(hf, "hf")

@@ -166,3 +166,21 @@ def test_kl_step_bounds_kl_from_the_original_to_the_candidate_not_the_reverse(tm
     out, stats, _ = _refine(tmp_path, candidates=cands, a=0.9, epsilon=0.0115)
     assert out.examples[0].completion == DELIM.join(["So Tom has three apples", *STEPS[1:]])
     assert stats["steps_shortened"] == 1
+
+
+def test_candidates_are_drawn_on_the_run_engine_and_scored_on_the_stage_engine(tmp_path):
+    """On vllm + hf runs the refiner samples on the run's engine (fast) and scores on its own (hf)."""
+    conf = build_config(preset="smoke", sets=[f"out={tmp_path / 'run'}"])
+    state = RunState(conf, build_registry(load_entry_points=False), RunStore(tmp_path / "run", tmp_path / "c"),
+                     UI(quiet=True))
+    sampler, scorer = FakeEngine(CANDIDATES, 0.5), FakeEngine(CANDIDATES, 0.5)
+    state._engines[(conf.engine, "")] = sampler
+    state._engines[("scoring-engine", "")] = scorer
+    ctx = StageContext(run=state, stage="refiner", component="kl-step", workdir=tmp_path / "work", key="k",
+                       engine_name="scoring-engine")
+    trace = DELIM.join(STEPS)
+    data = TrainingSet(examples=[Example(id="e", problem_id="a", prompt=PROMPT, completion=trace)])
+    out = KLStepRefiner(KLStepConfig(n_candidates=K, epsilon=EPSILON)).refine(data, ctx)
+    assert len(sampler.generate_prompts) == 3 and not scorer.generate_prompts
+    assert scorer.scored and not sampler.scored
+    assert out.examples[0].completion == DELIM.join(expected_steps(EPSILON))

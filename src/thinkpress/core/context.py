@@ -111,6 +111,17 @@ class StageContext:
         return self.run.engine(name=self.engine_name)
 
     @property
+    def generator(self) -> Engine:
+        """The run's ``engine``, for plain generation (sampling, decoding), whatever this stage was assigned.
+
+        A stage whose component needs a capability the run's engine lacks runs on the fallback
+        engine (``engine``); it can still draw its samples here, at the run engine's speed (the KL
+        refiner draws candidates on vllm and scores them on hf). Same model, tokenizer and prompts.
+        The stage's cache key names this engine too when it differs from ``engine``.
+        """
+        return self.run.engine()
+
+    @property
     def ui(self) -> UI:
         return self.run.ui
 

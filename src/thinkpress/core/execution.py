@@ -28,7 +28,7 @@ from thinkpress.core.data import (
 from thinkpress.core.errors import PluginError, ThinkpressError
 from thinkpress.core.files import atomic_write_json
 from thinkpress.core.manifest import peak_rss_mb
-from thinkpress.core.planning import Plan, Planned, engine_identity
+from thinkpress.core.planning import Plan, Planned, stage_engine_identity
 from thinkpress.core.plugins import Registry
 from thinkpress.core.store import RunStore, stable_hash
 
@@ -49,7 +49,8 @@ class StageExecutor:
         comp = planned.instance
         engine = self.plan.engine_for(stage, planned.name) or self.cfg.engine
         key = stable_hash(stage, planned.name, comp.config.model_dump(mode="json"), input_keys, self.model_id,
-                          self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype, *engine_identity(self.cfg, engine))
+                          self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype,
+                          *stage_engine_identity(self.cfg, engine))
         path = self.store.stage_cache(key)
         label = f"{index}-{stage}-{planned.name}"
         ctx = StageContext(run=self.state, stage=stage, component=planned.name, workdir=path, key=key,

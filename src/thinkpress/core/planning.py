@@ -203,6 +203,13 @@ def engine_identity(cfg: RunConfig, engine: str) -> list[Any]:
     return [] if engine == "hf" and not options else [engine, options]
 
 
+def stage_engine_identity(cfg: RunConfig, engine: str) -> list[Any]:
+    """The engines in a training stage's cache key: its own and, where that is not the run's engine, the
+    run's too (the stage may draw samples there: :attr:`thinkpress.core.context.StageContext.generator`)."""
+    out = engine_identity(cfg, engine)
+    return out if engine == cfg.engine else [*out, "generator", *engine_identity(cfg, cfg.engine)]
+
+
 def assign_engines(plan: Plan, cfg: RunConfig, reg: Registry) -> dict[str, str]:
     """Give each training stage and the evaluation the engine that has the capabilities it needs.
 

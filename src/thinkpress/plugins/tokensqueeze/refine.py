@@ -12,7 +12,9 @@ conditioned on the already refined prefix:
    (``reduce: mean``, the default, which fits epsilon = 0.005) or summed over the window;
 3. replace the step by the shortest candidate with KL < epsilon (ties: the lower KL); else keep it.
 
-The last step (the answer) has no continuation to compare and is kept. Full-vocabulary KL comes from
+Candidates are drawn on the run's engine (``ctx.generator``: vllm where the run uses it) and scored
+on the stage's engine (hf: the distributions need ``scoring``). The last step (the answer) has no
+continuation to compare and is kept. Full-vocabulary KL comes from
 :func:`thinkpress.kernels.kl_div`, chunk by chunk (``chunk_size`` positions): no [window, V]
 probability tensor is built. The original context is teacher-forced in the same batch as the
 candidates, so batching noise (bf16 padding) is the same on both sides of the comparison.
@@ -188,7 +190,9 @@ class KLStepRefiner(Refiner):
                 params = GenParams(max_new_tokens=max(n for _, n in group), temperature=cfg.temperature, stop=[delim])
                 prompts = [s.prompt + s.prefix(i) for s, _ in group]
                 seeds = [derive_seed(ctx.seed, s.key, i) for s, _ in group]
-                outs = engine.generate(prompts, params, n=cfg.n_candidates, seeds=seeds, batch_size=cfg.batch_size)
+                # candidates are plain samples: drawn on the run's engine (e.g. vllm); scored on this stage's
+                outs = ctx.generator.generate(prompts, params, n=cfg.n_candidates, seeds=seeds,
+                                              batch_size=cfg.batch_size)
                 for (s, n_tok), comps in zip(group, outs, strict=True):
                     c = counts[s.key]
                     c["steps_tried"] += 1
