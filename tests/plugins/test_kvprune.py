@@ -199,6 +199,28 @@ def test_kv_agreement_uses_eos_answers_and_the_common_prefix():
     assert KVPolicy().select_rows(torch.tensor([0])) is None
 
 
+def test_speed_ratios_only_between_variants_timed_at_one_thread_count(tmp_path):
+    from thinkpress.core.planning import TestSet
+    from thinkpress.core.results import TestSetResult, VariantResult
+    from thinkpress.core.stages import EvalVariant
+    from thinkpress.plugins.kvprune.report import budget_report
+
+    def row(name, tps, threads):
+        return {"name": name, "accuracy": 0.5, "mean_tokens": 10.0, "peak_kv_bytes": 2**20, "decode_tokens_per_s": tps,
+                "threads": threads, "kv_evicted": 1}
+
+    variants = [VariantResult(EvalVariant("base"), row("base", 10.0, 2))]
+    for budget, (name, threads) in enumerate([("same", 2), ("other", 1), ("mixed", None)]):
+        variants.append(VariantResult(EvalVariant(name, kv_pruner="rkv", kv_params={"budget": 8 * (budget + 1)},
+                                                  reference="base"), row(name, 15.0, threads)))
+    result = TestSetResult(TestSet("t", None, [], "k"), variants)
+    md = "\n".join(budget_report("rkv", result, tmp_path))
+    rows = {v.name: v.row for v in variants}
+    assert rows["same"]["speed_ratio"] == pytest.approx(1.5) and "1.50x" in md
+    assert "speed_ratio" not in rows["other"] and "speed_ratio" not in rows["mixed"]
+    assert "No speed ratio for other, mixed" in md
+
+
 @pytest.mark.slow
 def test_kv_run_end_to_end(tmp_path):
     out = tmp_path / "run"
@@ -214,6 +236,7 @@ def test_kv_run_end_to_end(tmp_path):
     assert small["params"] == {"kv_policy": "rkv", "budget": 24}
     assert small["peak_kv_bytes"] < rows["base"]["peak_kv_bytes"] and small["kv_ratio"] < 1 and small["kv_evicted"] > 0
     assert huge["kv_evicted"] == 0 and huge["peak_kv_bytes"] == rows["base"]["peak_kv_bytes"]
+    assert small["threads"] == rows["base"]["threads"] >= 1 and small["speed_ratio"] > 0  # timed alike
     if huge["n_agreement"]:  # an infinite budget agrees with the full cache exactly
         assert huge["token_agreement"] == 1.0 and huge["nll_pruned"] == pytest.approx(huge["nll_full"], abs=1e-3)
     # paired against the full cache: the no-op budget changes no answer, and the counts explain the accuracy gap

@@ -91,6 +91,8 @@ class Prediction(Record):
     token_ids: list[int] | None = Field(default=None, description="The generated token ids (for agreement metrics)")
     kv_evicted: float = Field(default=0.0, description="This answer's share of the cache entries its batch's KV "
                               "policy evicted")
+    threads: int | None = Field(default=None, description="torch threads its batch was decoded with (timings are "
+                                "compared only at equal counts; None: not recorded)")
 
 
 class TrainResult(Record):

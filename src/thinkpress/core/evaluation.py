@@ -38,6 +38,9 @@ def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: flo
         "decode_tokens_per_s": gen / decode_s if decode_s > 0 else 0.0,
         "peak_kv_bytes": peak_kv_bytes,
         "kv_evicted": round(sum(p.get("kv_evicted", 0.0) for p in predictions)),
+        # one count, or None when unrecorded or mixed (a resumed run on another machine): speeds compare only
+        # between variants timed at the same count
+        "threads": threads.pop() if len(threads := {p.get("threads") for p in predictions}) == 1 else None,
     }
     return m
 

@@ -62,6 +62,8 @@ class Evaluator:
 
     def evaluate_variant(self, v: EvalVariant, ts: TestSet) -> dict[str, Any]:
         """Evaluate one variant on one test set (resumable per chunk, cached by content key)."""
+        import torch
+
         from thinkpress.core.engines.base import GenParams
 
         g = self.cfg.eval.generation
@@ -94,7 +96,8 @@ class Evaluator:
                                        finish_reason=o[0].finish_reason, pred=pred, correct=ok,
                                        decode_s=engine.stats.decode_s / len(chunk), wall_s=wall / len(chunk),
                                        peak_kv_bytes=engine.stats.peak_kv_bytes, token_ids=o[0].token_ids,
-                                       kv_evicted=engine.stats.kv_evicted / len(chunk)))
+                                       kv_evicted=engine.stats.kv_evicted / len(chunk),
+                                       threads=torch.get_num_threads()))
             return recs
 
         recs = ctx.journal_map(ts.problems, run_chunk, chunk_size=engine.preferred_chunk(g.batch_size),

@@ -18,7 +18,7 @@ def budget_report(policy: str, result: TestSetResult, out_dir: Path) -> list[str
              "| speed vs full "
              "| token agreement | identical outputs | NLL full -> pruned | entries evicted |",
              "|" + "---|" * 13]
-    noop = []
+    noop, unequal = [], []
     for v, r in zip(variants, mine, strict=True):
         ref = result.get(v.reference)
         if ref is not None:
@@ -26,7 +26,10 @@ def budget_report(policy: str, result: TestSetResult, out_dir: Path) -> list[str
             if r.get("peak_kv_bytes") and ref.get("peak_kv_bytes"):
                 r["kv_ratio"] = r["peak_kv_bytes"] / ref["peak_kv_bytes"]
             if r.get("decode_tokens_per_s") and ref.get("decode_tokens_per_s"):
-                r["speed_ratio"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+                if r.get("threads") and r.get("threads") == ref.get("threads"):
+                    r["speed_ratio"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
+                else:  # e.g. one of them read from a cache filled with another thread count
+                    unequal.append(r["name"])
         if r.get("kv_evicted") == 0:
             noop.append(r["name"])
         nll = (f"{r['nll_full']:.3f} -> {r['nll_pruned']:.3f}" if r.get("nll_pruned") is not None else "-")
@@ -43,6 +46,10 @@ def budget_report(policy: str, result: TestSetResult, out_dir: Path) -> list[str
               "pruned run reproduced before its first differing token; NLL: mean per-token NLL of those full-cache "
               "outputs, teacher-forced through the decode loop with the full and with the pruned cache; lost / gained: "
               "problems the full cache got right and the pruned cache wrong, the reverse, and the exact McNemar p."]
+    if unequal:
+        lines += ["", f"No speed ratio for {', '.join(unequal)}: it and its full-cache reference were not timed at one "
+                  "thread count (an evaluation read from a cache filled by another run, or a run resumed with other "
+                  "threads)."]
     if noop:
         lines += ["", f"No entry was evicted in {', '.join(noop)}: every sequence fit in the budget (+ buffer), so "
                   "these variants are the full cache (a no-op, not a result about the policy)."]
