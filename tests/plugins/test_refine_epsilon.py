@@ -181,6 +181,6 @@ def test_candidates_are_drawn_on_the_run_engine_and_scored_on_the_stage_engine(t
     trace = DELIM.join(STEPS)
     data = TrainingSet(examples=[Example(id="e", problem_id="a", prompt=PROMPT, completion=trace)])
     out = KLStepRefiner(KLStepConfig(n_candidates=K, epsilon=EPSILON)).refine(data, ctx)
-    assert len(sampler.generate_prompts) == 3 and not scorer.generate_prompts
+    assert len(sampler.generate_prompts) == 3 and not scorer.generate_prompts and ctx.generator_used
     assert scorer.scored and not sampler.scored
     assert out.examples[0].completion == DELIM.join(expected_steps(EPSILON))

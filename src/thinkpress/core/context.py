@@ -96,6 +96,8 @@ class StageContext:
     """Counters a component records (they land in the stage's meta.json and report.json)."""
     engine_name: str | None = None
     """The engine the plan assigned to this stage (None: the run's ``engine``)."""
+    generator_used: bool = False
+    """Whether the stage generated on :attr:`generator` (the report names that engine too)."""
 
     @property
     def config(self) -> RunConfig:
@@ -119,6 +121,7 @@ class StageContext:
         refiner draws candidates on vllm and scores them on hf). Same model, tokenizer and prompts.
         The stage's cache key names this engine too when it differs from ``engine``.
         """
+        self.generator_used = True
         return self.run.engine()
 
     @property

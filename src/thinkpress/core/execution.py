@@ -69,7 +69,8 @@ class StageExecutor:
             wall = time.perf_counter() - t0
             self._save_output(stage, path, result)
             meta = {"stage": stage, "component": planned.name, "plugin": planned.entry.plugin, "key": key,
-                    "engine": engine,
+                    "engine": engine if not ctx.generator_used or engine == self.cfg.engine
+                    else f"{engine} (samples: {self.cfg.engine})",
                     "inputs": input_keys, "config": comp.config.model_dump(mode="json"), "wall_s": wall,
                     "peak_rss_mb_process": peak_rss_mb(), "stats": ctx.stats, "cached": False}
             atomic_write_json(path / "meta.json", meta)  # the completion marker: written last
