@@ -88,14 +88,11 @@ def test_grouped_lora_ops_vs_vllm_fallback(benchmark, tokens):
 _SCRIPT = textwrap.dedent("""
     import json, sys, time
     if __name__ == "__main__":
-        import torch
-        from peft import LoraConfig, get_peft_model
         from thinkpress.core.config import build_config
         from thinkpress.core.datasets import BUILTIN_DATASETS
         from thinkpress.core.engines import vllm_cpu_lora
         from thinkpress.core.engines.base import GenParams
         from thinkpress.core.engines.vllm import build_vllm_engine
-        from thinkpress.core.models import load_causal_lm, resolve_model_path
 
         impl, model, n_prompts, tokens, adapter = sys.argv[1:6]
         if impl == "fallback":  # keep vllm-cpu's own ops: install() becomes a no-op for this process
@@ -117,21 +114,10 @@ _SCRIPT = textwrap.dedent("""
 
 def test_vllm_engine_lora_vs_base_grouped_and_fallback(benchmark, tmp_path):
     _need_vllm()
-    from peft import LoraConfig, get_peft_model
+    from thinkpress.core.models import resolve_model_path
+    from thinkpress.toolkit.lora import save_random_adapter
 
-    from thinkpress.core.models import load_causal_lm, resolve_model_path
-
-    model, _ = load_causal_lm(resolve_model_path(MODEL), dtype="float32", device="cpu")
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.mul_(0.05)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    del peft_model, model
+    save_random_adapter(resolve_model_path(MODEL), tmp_path / "adapter", scale=0.05)
     res = {}
     for impl in ("grouped", "fallback"):
         r = subprocess.run([sys.executable, "-c", _SCRIPT, impl, MODEL, str(PROMPTS), str(TOKENS),

@@ -103,21 +103,9 @@ def test_seeds_reproduce_samples(vllm_engine, problems):
 
 def test_lora_adapter_is_served_unmerged_and_matches_hf(vllm_engine, hf_fp32, problems, tmp_path, smollm_path):
     """A random (non-zero) LoRA adapter: vLLM's LoRARequest output equals hf + peft, and differs from the base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from thinkpress.toolkit.lora import save_random_adapter
 
-    from thinkpress.core.models import load_causal_lm
-
-    model, _ = load_causal_lm(smollm_path, dtype="float32", device="cpu")
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj"]))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_" in n:
-                p.mul_(0.3)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    save_random_adapter(smollm_path, tmp_path / "adapter")
     prompts = [vllm_engine.chat_prompt(p.question) for p in problems[:8]]
     params = GenParams(max_new_tokens=48)
     va = vllm_engine.with_adapter(str(tmp_path / "adapter"))

@@ -123,3 +123,24 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_last_good_adapter(tmp_
     assert (good / "adapter_model.safetensors").exists()
     assert json.loads((good / "step.json").read_text())["step"] == 2
     assert not (tmp_path / "work" / "adapter").exists()
+
+
+def test_a_random_adapter_changes_the_model_and_is_reproducible(tmp_path, tiny_llama):
+    from peft import PeftModel
+
+    from thinkpress.core.models import load_causal_lm
+    from thinkpress.toolkit.lora import save_random_adapter
+
+    a = save_random_adapter(tiny_llama, tmp_path / "a", rank=4)
+    b = save_random_adapter(tiny_llama, tmp_path / "b", rank=4)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    model, _ = load_causal_lm(tiny_llama, dtype="float32", device="cpu")
+    with torch.no_grad():
+        base = model(ids).logits
+        la = PeftModel.from_pretrained(model, a).eval()(ids).logits
+    model_b, _ = load_causal_lm(tiny_llama, dtype="float32", device="cpu")
+    with torch.no_grad():
+        lb = PeftModel.from_pretrained(model_b, b).eval()(ids).logits
+    assert not torch.allclose(la, base, atol=1e-4)  # B is not zero: the adapter does something
+    torch.testing.assert_close(la, lb)  # same seed, same adapter
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4

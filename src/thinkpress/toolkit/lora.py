@@ -326,3 +326,28 @@ def train_lora_sft(examples: list[Example], ctx: StageContext, cfg: SFTConfig, *
         raise TrainingError("no training examples: every sample was filtered out (see the selector's counts)")
     check_truncation(load_tokenizer(ctx), examples, cfg, component=component, ctx=ctx)
     return train_lora(ctx, cfg, out_dir=out_dir, make_task=lambda model, tok, acc: SFTTask(examples, tok, cfg))
+
+
+def save_random_adapter(model_path: str, out_dir: str | Path, *, rank: int = 8, scale: float = 0.3,
+                        seed: int = 0) -> str:
+    """Save a LoRA adapter with random, non-zero weights on every projection of ``model_path`` (fp32).
+
+    For testing how an engine serves adapters (e.g. against hf + peft): a freshly initialised LoRA
+    has B = 0 and changes nothing. ``scale`` shrinks the random A and B (0.3 changes SmolLM2's greedy
+    outputs without wrecking them). Returns ``out_dir``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from thinkpress.core.models import load_causal_lm
+
+    model, _ = load_causal_lm(model_path, dtype="float32", device="cpu")
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False,
+                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(scale)
+    peft_model.save_pretrained(str(out_dir))
+    return str(out_dir)
