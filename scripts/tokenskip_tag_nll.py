@@ -1,11 +1,13 @@
-"""Diagnostic: does a TokenSkip adapter condition on the ratio tag?
+"""Diagnostic: does a TokenSkip adapter condition on the ratio tag? Per gamma, own tag vs. the others.
 
-Needs a run with ``components.tokenskip.draws_per_example=2`` (each CoT at two ratios). For each of the
-first N problems whose two draws have different gammas, every training target is teacher-forced under its
-own tagged prompt and under the other draw's prompt (same question, other tag). An adapter that reads the
-tag gives its own target a clearly lower NLL; compare with ``--base`` (the untrained model) as control.
+Every training target of a TokenSkip run (the pruner stage's examples: a CoT pruned to gamma, its
+prompt tagged with gamma) is teacher-forced under every ratio's prompt: its own tag, and the same
+question with each other gamma's tag (gamma 1.0: no tag). An adapter that reads the tag gives each
+target its lowest NLL under its own tag; the untrained model (``--base``) is the control. Scored
+with the hf engine in fp32, the adapter unmerged. Prints a markdown table, one row per gamma: the
+mean NLL under the own tag and under the other tags, and how often the own tag is the lowest.
 
-    .venv/bin/python scripts/tokenskip_tag_nll.py runs/tks-384 --n 24 [--base]
+    .venv/bin/python scripts/tokenskip_tag_nll.py runs/main-tokenskip-default [--base] [--n 60]
 """
 
 import argparse
@@ -21,31 +23,41 @@ from thinkpress.core.models import ensure_embedded
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
-    ap.add_argument("--n", type=int, default=24, help="problems (two targets each)")
+    ap.add_argument("--n", type=int, default=None, help="first N training examples (default: all)")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--base", action="store_true", help="score with the untrained model (control)")
     a = ap.parse_args()
-    by_problem = defaultdict(list)
-    for line in (a.run / "stages" / "3-pruner-tokenskip" / "examples.jsonl").open():
-        ex = json.loads(line)
-        by_problem[ex["problem_id"]].append(ex)
-    pairs = [v for v in by_problem.values() if len(v) == 2 and v[0]["meta"]["gamma"] != v[1]["meta"]["gamma"]]
-    pairs = pairs[: a.n]
+    stages = a.run / "stages"
+    pruner = next(stages.glob("*-pruner-tokenskip"))
+    examples = [json.loads(line) for line in (pruner / "examples.jsonl").open()][: a.n]
     engine = HFEngine.from_pretrained(str(ensure_embedded(a.model)), dtype="float32")
     if not a.base:
-        from peft import PeftModel
-
-        engine.model = PeftModel.from_pretrained(engine.model, str(a.run / "stages" / "4-trainer-tokenskip-sft" /
-                                                                   "adapter")).eval()
-    prompts, targets = [], []
-    for x, y in [(p, q) for d in pairs for p, q in (d, d[::-1])]:
-        prompts += [x["prompt"], y["prompt"]]  # own tag, then the other draw's tag
-        targets += [x["completion"]] * 2
-    nll = [-mean(lp) for lp in engine.score(prompts, targets, batch_size=8)]
-    own, other = nll[0::2], nll[1::2]
-    lower = sum(o < t for o, t in zip(own, other, strict=True))
-    print(f"{len(own)} targets: mean NLL own tag {mean(own):.4f}, other tag {mean(other):.4f} "
-          f"({100 * (mean(other) / mean(own) - 1):+.1f}%), own tag lower for {lower}/{len(own)}")
+        engine = engine.with_adapter(str(next(stages.glob("*-trainer-tokenskip-sft")) / "adapter"))
+    tags = examples[0]["meta"]["ratio_tags"]  # {"1": "", "0.9": "<tag>", ...}
+    gammas = sorted(tags, key=float, reverse=True)
+    prompts, targets, owners = [], [], []
+    for i, ex in enumerate(examples):
+        for g in gammas:
+            prompts.append(engine.chat_prompt(ex["meta"]["question"], suffix=tags[g]))
+            targets.append(ex["completion"])
+            owners.append((i, g))
+    nll = [-mean(lp) for lp in engine.score(prompts, targets, batch_size=6)]
+    by_example: dict[int, dict[str, float]] = defaultdict(dict)
+    for (i, g), v in zip(owners, nll, strict=True):
+        by_example[i][g] = v
+    print(f"{'untrained model' if a.base else 'trained adapter'}, {len(examples)} training targets, "
+          f"each under {len(gammas)} prompts")
+    print("| target gamma | n | NLL, own tag | NLL, other tags (mean) | own tag lowest |")
+    print("|---|---|---|---|---|")
+    for g in gammas:
+        rows = [by_example[i] for i, ex in enumerate(examples) if f"{ex['meta']['gamma']:g}" == g]
+        if not rows:
+            continue
+        own = [r[g] for r in rows]
+        other = [mean(v for k, v in r.items() if k != g) for r in rows]
+        lowest = sum(min(r, key=r.get) == g for r in rows)
+        print(f"| {g} | {len(rows)} | {mean(own):.4f} | {mean(other):.4f} ({100 * (mean(other) / mean(own) - 1):+.1f}%)"
+              f" | {lowest} / {len(rows)} (chance {len(rows) / len(gammas):.1f}) |")
 
 
 if __name__ == "__main__":
