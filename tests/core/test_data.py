@@ -27,7 +27,7 @@ def test_gsm8k_is_bundled_offline_and_sha256_checked(tmp_path, monkeypatch):
 
     g = load_gsm8k("test", limit=5)
     assert len(g) == 5 and g[0].answer == "18" and "####" in g[0].solution
-    assert len(load_gsm8k("train")) == 7473 and len(load_gsm8k("test")) == 1319
+    assert len(load_gsm8k("train")) == 6973 and len(load_gsm8k("test")) == 1319
     # a seeded subset: the same seed gives the same problems, another seed others
     a, b = load_gsm8k("test", limit=50, shuffle=True, seed=0), load_gsm8k("test", limit=50, shuffle=True, seed=0)
     assert a == b and a != load_gsm8k("test", limit=50, shuffle=True, seed=1)
@@ -38,6 +38,18 @@ def test_gsm8k_is_bundled_offline_and_sha256_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "BUNDLED_DIR", tmp_path)
     with pytest.raises(DataError, match="sha256"):
         load_gsm8k("test")
+
+
+def test_gsm8k_validation_is_carved_from_train_and_disjoint():
+    train, val = load_gsm8k("train"), load_gsm8k("validation")
+    assert len(val) == 500 and len(train) + len(val) == 7473
+    ids_t, ids_v = {p.id for p in train}, {p.id for p in val}
+    assert not ids_t & ids_v and all(i.startswith("gsm8k-train-") for i in ids_v)
+    # the carve does not move with the run's seed; shuffling and limits act inside each split
+    assert {p.id for p in load_gsm8k("validation", seed=3, shuffle=True)} == ids_v
+    assert {p.id for p in load_gsm8k("train", limit=200, shuffle=True, seed=3)} <= ids_t
+    with pytest.raises(DataError, match="validation"):
+        load_gsm8k("dev")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "math500").is_dir(), reason=f"no shared data folder at {SHARED_DATA}")

@@ -61,3 +61,65 @@ def test_engines_load_once_per_name_and_adapter_and_are_closed_once(tmp_path):
     state.engine(adapter=str(tmp_path)).close = lambda: closed.append("adapter view")
     state.close()
     assert closed == ["base"] and state.engine() is not base  # closed engines are dropped, a new one loads
+
+
+def test_rounds_sample_with_the_previous_adapter_and_report_each_round(tmp_path):
+    """rounds=2: round 2 samples on round 1's adapter (other samples, other cache keys), its trainer
+    continues that adapter, each round is in the report, and a rerun recomputes nothing."""
+    from thinkpress.core.data import Example, TrainingSet, TrainResult
+    from thinkpress.core.stages import Selector, Trainer
+
+    seen: list[str | None] = []
+
+    class RecordingTrainer(Trainer):  # a test double for the core's loop: writes a marker "adapter"
+        name = "recording-trainer"
+
+        def train(self, data, ctx):
+            seen.append(ctx.adapter)
+            out = ctx.workdir / "adapter"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "from.txt").write_text(str(ctx.adapter))
+            return TrainResult(adapter_path=str(out), metrics={"steps": 1, "loss_first": 1.0, "loss_last": 0.5})
+
+    class KeepAll(Selector):  # the fake engine solves nothing: keep every sample as an example
+        name = "keep-all"
+
+        def select(self, samples, problems, ctx):
+            return TrainingSet(examples=[Example(id=f"{s.problem_id}#{s.index}", problem_id=s.problem_id,
+                                                 prompt=s.prompt, completion=s.completion) for s in samples])
+
+    engines = thinkpress.hookimpl(lambda register: register("fake", FakeEngine.factory))
+    trainers = thinkpress.hookimpl(lambda register: register(RecordingTrainer))
+    selectors = thinkpress.hookimpl(lambda register: register(KeepAll))
+    reg = build_registry(load_entry_points=False, extra_plugins={
+        "fake-engine": SimpleNamespace(register_engines=engines, register_trainers=trainers,
+                                       register_selectors=selectors)})
+
+    def run(name):
+        cfg = build_config(preset="smoke", overrides={"plugins": ["baseline"], "out": str(tmp_path / name)},
+                           sets=["engine=fake", "rounds=2", "eval.every_round=true",
+                                 "stages.trainer=recording-trainer", "stages.selector=keep-all",
+                                 "components.rejection-sampler.n=8",
+                                 "train_data.limit=16", "test_data.limit=8", f"cache_dir={tmp_path / 'cache'}"],
+                           registry=reg)
+        runner = Runner(cfg, registry=reg, ui=UI(quiet=True))
+        return runner, runner.run()
+
+    runner, report = run("a")
+    r1, r2 = runner.executor.rounds
+    assert seen == [None, r1["adapter"]] and r1["key"] != r2["key"]
+    assert (tmp_path / "cache" / r2["key"] / "adapter" / "from.txt").read_text() == r1["adapter"]
+    st = report["stages"]
+    s1, s2 = st["r1-1-sampler-rejection-sampler"], st["r2-1-sampler-rejection-sampler"]
+    assert s1["key"] != s2["key"] and s1["stats"]["samples"] == s2["stats"]["samples"] == 128
+    samples = [(tmp_path / "cache" / s["key"] / "samples.jsonl").read_text() for s in (s1, s2)]
+    assert samples[0] != samples[1]  # the fake engine salts its outputs with the adapter: round 2 drew others
+    names = [v["name"] for v in report["variants"]]
+    assert names == ["base", "trained@round1", "trained"]
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "## Rounds" in md and "| 2 | 128 |" in md
+    # the same config again: every stage of both rounds comes from the cache, the trainer never runs
+    seen.clear()
+    _, again = run("b")
+    assert seen == [] and all(s["cached"] for s in again["stages"].values())
+    assert again["variants"] == report["variants"]

@@ -61,11 +61,31 @@ def test_q_dyn_takes_k_shortest_correct_against_longer_incorrect(tmp_path):
     assert out.pairs[0].meta["chosen_tokens"] == 30 and out.pairs[0].meta["rejected_tokens"] == 320
     assert ctx.stats["by_difficulty"]["1"]["all_correct"] == 1 and ctx.stats["by_difficulty"]["3"]["all_wrong"] == 1
     assert ctx.stats["by_difficulty"]["2"] == {"problems": 1, "with_pairs": 1, "pairs": 3}
+    assert ctx.stats["k_distribution"] == {"1": 1}
 
     # alpha = 1: q = 0.5, k = ceil(2.0) = 2 positives (30, 50); round-robin pairs, capped at max_pairs
     out = QDyn(QDyn.Config(alpha=1.0, max_pairs=5)).select(samples, probs, _ctx(tmp_path))
     assert [(p.chosen, p.rejected) for p in out.pairs] == [
         ("a-1", "a-7"), ("a-0", "a-7"), ("a-1", "a-6"), ("a-0", "a-6"), ("a-1", "a-5")]
+
+
+def test_q_dyn_is_adaptive_only_from_large_n(tmp_path):
+    """alpha = 0.2: at N = 8 every problem gets k = 1 (q-dyn == shortest-correct); at N = 32 it does not."""
+    def group(pid, n, c):  # c correct answers of 10..(10+c) tokens, n - c incorrect ones of 500+ tokens
+        return ([_s(pid, i, 10 + i, True) for i in range(c)] + [_s(pid, c + i, 500 + i, False) for i in range(n - c)])
+
+    def k_dist(n, cs):
+        samples = [s for j, c in enumerate(cs) for s in group(f"p{j}", n, c)]
+        probs = [_problem(f"p{j}", 1) for j in range(len(cs))]
+        ctx = _ctx(tmp_path)
+        q = QDyn(QDyn.Config(max_pairs=64)).select(samples, probs, ctx)
+        one = ShortestCorrect(ShortestCorrect.Config(max_pairs=64)).select(samples, probs, _ctx(tmp_path))
+        return ctx.stats["k_distribution"], {p.chosen for p in q.pairs} == {p.chosen for p in one.pairs}
+
+    # N = 8: alpha (1 - p) c <= 0.2 * 8 / 4 = 0.4 < 1 for every c: k = 1 everywhere, the same pairs
+    assert k_dist(8, [1, 2, 4, 6, 7]) == ({"1": 5}, True)
+    # N = 32: c = 16 gives ceil(0.2 * 0.5 * 16) = 2, c = 24 gives ceil(1.2) = 2, c = 4 gives ceil(0.7) = 1
+    assert k_dist(32, [4, 16, 24]) == ({"1": 1, "2": 2}, False)
 
 
 def test_selector_variants(tmp_path):
@@ -168,6 +188,39 @@ def test_completion_logps_and_reference_equal_the_base_model(tiny_llama, tmp_pat
     assert task.items[0][2] == len(tok(" 4.", add_special_tokens=False).input_ids) + 1  # EOS counts
     ids, labels, mask = collate([task.items[0][0]], tok.pad_token_id)
     assert completion_logps(peft_model, ids, mask, labels).item() != pytest.approx(want[0], abs=1e-3)
+
+    # a later round continues an adapter: reference="policy" is that adapter as the round starts,
+    # reference="base" still the base model
+    policy = DPOTask(pairs, tok, DPOLConfig(batch_size=2, reference="policy"), continued=True)
+    policy.compute_reference(peft_model, Accelerator(cpu=True))
+    rows = [encode_example(tok, p.prompt, t, 64) for p in pairs for t in (p.chosen, p.rejected)]
+    ids, labels, mask = collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.ref.flatten(), completion_logps(peft_model.eval(), ids, mask, labels),
+                                   atol=1e-4, rtol=1e-5)
+    anchored = DPOTask(pairs, tok, DPOLConfig(batch_size=2, reference="base"), continued=True)
+    anchored.compute_reference(peft_model, Accelerator(cpu=True))
+    torch.testing.assert_close(anchored.ref.flatten(), torch.tensor(want), atol=1e-4, rtol=1e-5)
+
+
+def test_a_later_round_continues_the_previous_adapter(tmp_path, tiny_llama):
+    """load_trainable with ctx.adapter: the saved LoRA weights, trainable, not a fresh B = 0 adapter."""
+    from safetensors.torch import load_file
+
+    from thinkpress.toolkit.lora import load_trainable, save_random_adapter
+
+    saved = save_random_adapter(tiny_llama, tmp_path / "r1", rank=4)
+    ctx = _ctx(tmp_path, tiny_llama, "trainer")
+    fresh, _ = load_trainable(ctx, DPOLConfig(rank=4))
+    assert all(float(p.detach().abs().max()) == 0 for n, p in fresh.named_parameters() if "lora_B" in n)
+    ctx.adapter = saved
+    cont, _ = load_trainable(ctx, DPOLConfig(rank=4))
+    want = load_file(str(tmp_path / "r1" / "adapter_model.safetensors"))
+    got = {n: p for n, p in cont.named_parameters() if "lora_" in n}
+    assert got and all(p.requires_grad for p in got.values())
+    for name, w in want.items():
+        match = [p for n, p in got.items() if n.replace(".default", "").endswith(name.split("base_model.model.")[-1])]
+        assert len(match) == 1 and torch.equal(match[0].detach(), w), name
 
 
 # -- refinement --------------------------------------------------------------------------------

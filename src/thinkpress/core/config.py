@@ -64,6 +64,8 @@ class EvalConfig(Strict):
                                "NLL of, the full-cache outputs that ended with EOS (one extra decode pass each)")
     adapter: str | None = Field(default=None, description="A saved LoRA adapter directory to evaluate as variant "
                                 "'adapter' (unmerged, on top of the model; `core eval --adapter DIR`)")
+    every_round: bool = Field(default=False, description="With rounds > 1: also evaluate each earlier round's "
+                              "adapter (variants trained@round1, ...)")
     bootstrap: int = Field(default=2000, ge=100, description="Bootstrap resamples for the paired token-savings and "
                            "accuracy-difference intervals (seeded: the same predictions give the same interval)")
 
@@ -110,6 +112,8 @@ class RunConfig(Strict):
                                     "selected plugin provides")
     train: bool | None = Field(default=None, description="Run the training stages (None: when a selected plugin "
                                "provides a training stage; KV pruners alone make an evaluation run)")
+    rounds: int = Field(default=1, ge=1, description="Self-improvement rounds: round r > 1 samples, selects, refines "
+                        "and trains again with round r-1's adapter as the policy (the trainer continues that adapter)")
     components: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-component config, keyed by component name"
     )

@@ -98,6 +98,9 @@ class StageContext:
     """The engine the plan assigned to this stage (None: the run's ``engine``)."""
     generator_used: bool = False
     """Whether the stage generated on :attr:`generator` (the report names that engine too)."""
+    adapter: str | None = None
+    """The policy's LoRA adapter in rounds after the first (``rounds`` > 1): the previous round's trained
+    adapter. :attr:`engine` and :attr:`generator` serve base + this adapter; trainers continue it."""
 
     @property
     def config(self) -> RunConfig:
@@ -110,7 +113,7 @@ class StageContext:
     @property
     def engine(self) -> Engine:
         """The engine assigned to this stage, with the capabilities its component declared it needs."""
-        return self.run.engine(name=self.engine_name)
+        return self.run.engine(self.adapter, name=self.engine_name)
 
     @property
     def generator(self) -> Engine:
@@ -122,7 +125,7 @@ class StageContext:
         The stage's cache key names this engine too when it differs from ``engine``.
         """
         self.generator_used = True
-        return self.run.engine()
+        return self.run.engine(self.adapter)
 
     @property
     def ui(self) -> UI:

@@ -157,20 +157,43 @@ def bundled_file(relpath: str) -> Path:
     return f
 
 
+GSM8K_SPLITS = ("train", "validation", "test")
+GSM8K_VALIDATION_SIZE = 500
+_VALIDATION_SEED = 20251130  # fixed: the carve does not move with the run's seed
+
+
+def carve_validation(n_rows: int, size: int = GSM8K_VALIDATION_SIZE) -> set[int]:
+    """Row indices of the validation split carved from a train file of ``n_rows`` rows.
+
+    A fixed seeded sample (independent of the run's ``seed``), so ``train`` and ``validation`` are
+    disjoint in every run and hyperparameters can be tuned without touching ``test``.
+    """
+    return set(random.Random(_VALIDATION_SEED).sample(range(n_rows), min(size, n_rows // 5)))
+
+
 def load_gsm8k(split: str, path=None, limit=None, seed=0, shuffle=False, skip_invalid=False, stats=None):
-    """GSM8K from ``path``, else from the bundled copy (offline); splits ``train`` and ``test``."""
+    """GSM8K from ``path``, else from the bundled copy (offline).
+
+    Splits: ``test`` (1,319), ``validation`` (500 problems carved from the train file by
+    :func:`carve_validation`) and ``train`` (the rest of the train file: 6,973 of 7,473). Problem ids keep
+    the train file's row index (``gsm8k-train-00042``), so the two are disjoint by id.
+    """
     stats = {} if stats is None else stats
+    if split not in GSM8K_SPLITS:
+        raise DataError(f"gsm8k has splits {list(GSM8K_SPLITS)}, not {split!r}")
+    file_split = "test" if split == "test" else "train"
     if not path:
-        if f"gsm8k/{split}.jsonl" not in BUNDLED_SHA256:
-            raise DataError(f"gsm8k has splits ['train', 'test'], not {split!r}")
-        path = bundled_file(f"gsm8k/{split}.jsonl")
+        path = bundled_file(f"gsm8k/{file_split}.jsonl")
 
     def make(row, i):
-        return Problem(id=f"gsm8k-{split}-{i:05d}", question=row["question"], answer=gsm8k_gold(row["answer"]),
-                       solution=row["answer"], source="gsm8k")
+        return Problem(id=f"gsm8k-{file_split}-{i:05d}", question=row["question"],
+                       answer=gsm8k_gold(row["answer"]), solution=row["answer"], source="gsm8k")
 
-    probs = _convert(_rows("gsm8k", split, path, "openai/gsm8k", "main", skip_invalid, stats), make, skip_invalid,
-                     stats)
+    probs = _convert(_rows("gsm8k", file_split, path, "openai/gsm8k", "main", skip_invalid, stats), make,
+                     skip_invalid, stats)
+    if file_split == "train":
+        held = carve_validation(len(probs))
+        probs = [p for i, p in enumerate(probs) if (i in held) == (split == "validation")]
     return _finish(probs, limit, seed, shuffle)
 
 

@@ -34,8 +34,12 @@ class Evaluator:
         """Evaluation cache key of every (test set, variant) evaluated so far (KV variants find their reference's)."""
 
     def variants(self, result: TrainResult | None, train_key: str | None, trainer: Planned | None,
-                 adapter: str | None) -> list[EvalVariant]:
-        """base, the trainer's variants (``adapter`` is its adapter directory), ``adapter``, and each KV policy's."""
+                 adapter: str | None, rounds: list[dict] | None = None) -> list[EvalVariant]:
+        """base, the trainer's variants (``adapter`` is its adapter directory), ``adapter``, and each KV policy's.
+
+        With ``eval.every_round`` and several training ``rounds`` (the executor's list), each earlier
+        round's adapter is a variant ``trained@round<r>`` too.
+        """
         base: list[EvalVariant] = [EvalVariant(name="base", params={})] if self.cfg.eval.base else []
         trained: list[EvalVariant] = []
         if self.cfg.eval.adapter:
@@ -49,6 +53,9 @@ class Evaluator:
             for v in trained:
                 v.adapter = v.adapter or adapter
                 v.params.setdefault("adapter_key", train_key[:12])
+            if self.cfg.eval.every_round:
+                trained = [EvalVariant(name=f"trained@round{r['round']}", params={"adapter_key": r["key"][:12]},
+                                       adapter=r["adapter"]) for r in (rounds or [])[:-1] if r["adapter"]] + trained
         out = base + trained
         for kv in self.plan.kv_pruners:
             for params in kv.instance.variants():

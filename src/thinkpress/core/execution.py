@@ -42,19 +42,25 @@ class StageExecutor:
         self.plan = plan
         self.stage_info: dict[str, Any] = {}
         """Per stage label: component, plugin, key, wall time, cached, stats (for the report)."""
+        self.rounds: list[dict[str, Any]] = []
+        """Per training round: its number, the trainer's stage key, the adapter directory, the label prefix."""
 
     def run_stage(self, index: int, stage: str, planned: Planned, inputs: dict,
-                  input_keys: list[str]) -> tuple[Any, str]:
-        """Run (or load from the cache) one stage; returns its output and its cache key."""
+                  input_keys: list[str], *, adapter: str | None = None, label_prefix: str = "") -> tuple[Any, str]:
+        """Run (or load from the cache) one stage; returns its output and its cache key.
+
+        ``adapter``: the policy's adapter (later self-improvement rounds); its trainer key must be in
+        ``input_keys``, so the cache key names it.
+        """
         comp = planned.instance
         engine = self.plan.engine_for(stage, planned.name) or self.cfg.engine
         key = stable_hash(stage, planned.name, comp.config.model_dump(mode="json"), input_keys, self.model_id,
                           self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype,
                           *stage_engine_identity(self.cfg, engine))
         path = self.store.stage_cache(key)
-        label = f"{index}-{stage}-{planned.name}"
+        label = f"{label_prefix}{index}-{stage}-{planned.name}"
         ctx = StageContext(run=self.state, stage=stage, component=planned.name, workdir=path, key=key,
-                           engine_name=engine)
+                           engine_name=engine, adapter=adapter)
         if self.store.is_complete(path):
             self.ui.info(f"[{stage}:{planned.name}] cached ({key[:12]})")
             meta = json.loads((path / "meta.json").read_text())
@@ -111,26 +117,43 @@ class StageExecutor:
         return str(p if p.is_absolute() else self.store.stage_cache(key) / p)
 
     def train(self, p: Plan, train_problems: list[Problem]) -> tuple[TrainResult | None, str | None, Planned | None]:
-        """Run the training stages; returns the trainer's result, its stage key and the trainer."""
+        """Run the training stages (``rounds`` times); returns the last trainer's result, its stage key and the
+        trainer. Each round's adapter and key are in :attr:`rounds`."""
         if not p.train:
             return None, None, None
         data_key = stable_hash([x.model_dump(mode="json") for x in train_problems])
-        samples, k = self.run_stage(1, "sampler", p.sampler, {"problems": train_problems}, [data_key])
-        data, k = self.run_stage(2, "selector", p.selector, {"samples": samples, "problems": train_problems}, [k])
+        result: TrainResult | None = None
+        prev: list[str] = []  # the previous round's trainer key (none in round 1: its keys are the one-round keys)
+        adapter: str | None = None
+        for rnd in range(1, self.cfg.rounds + 1):
+            prefix = f"r{rnd}-" if self.cfg.rounds > 1 else ""
+            result, k = self._one_round(p, train_problems, [data_key, *prev], adapter, prefix)
+            adapter = self.adapter_path(result, k)
+            if adapter is None and rnd < self.cfg.rounds:
+                raise ThinkpressError(f"rounds={self.cfg.rounds}: the trainer {p.trainer.name!r} saved no adapter in "
+                                      f"round {rnd}, so there is no policy to sample from in round {rnd + 1}")
+            self.rounds.append({"round": rnd, "key": k, "adapter": adapter, "prefix": prefix})
+            prev = [k]
+        return result, self.rounds[-1]["key"], p.trainer
+
+    def _one_round(self, p: Plan, train_problems: list[Problem], keys: list[str], adapter: str | None,
+                   prefix: str) -> tuple[TrainResult, str]:
+        kw = {"adapter": adapter, "label_prefix": prefix}
+        samples, k = self.run_stage(1, "sampler", p.sampler, {"problems": train_problems}, keys, **kw)
+        data, k = self.run_stage(2, "selector", p.selector, {"samples": samples, "problems": train_problems}, [k], **kw)
         i = 3
         for r in p.refiners:
-            data, k = self.run_stage(i, "refiner", r, {"data": data}, [k])
+            data, k = self.run_stage(i, "refiner", r, {"data": data}, [k], **kw)
             i += 1
         for r in p.trace_pruners:
-            data, k = self.run_stage(i, "pruner", r, {"data": data}, [k])
+            data, k = self.run_stage(i, "pruner", r, {"data": data}, [k], **kw)
             i += 1
         if not data.examples and not data.pairs:
-            counts = {k: v for k, v in self.stage_info.get(f"2-selector-{p.selector.name}", {}).get("stats", {}).items()
-                      if isinstance(v, int | float)}
+            sel = self.stage_info.get(f"{prefix}2-selector-{p.selector.name}", {}).get("stats", {})
+            counts = {k: v for k, v in sel.items() if isinstance(v, int | float)}
             raise ThinkpressError(
                 f"the training set is empty after selection by {p.selector.name!r} ({counts}): no correct samples, "
                 "none kept, or (preference selectors) every problem all-correct or all-wrong. The finished stages "
                 "are cached. Use more or harder problems (train_data.limit), more samples or a stronger model."
             )
-        result, k = self.run_stage(i, "trainer", p.trainer, {"data": data}, [k])
-        return result, k, p.trainer
+        return self.run_stage(i, "trainer", p.trainer, {"data": data}, [k], **kw)

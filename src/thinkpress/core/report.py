@@ -182,6 +182,8 @@ def write_report(run: RunResult) -> dict[str, Any]:
     extra = run.report_lines
     if extra:
         md += [*extra, ""]
+    if cfg.rounds > 1:
+        md += rounds_table(run.stages, cfg.rounds)
     if run.stages:
         md += ["## Stages", "", "| stage | plugin | engine | wall s | cached | stats |", "|---|---|---|---|---|---|"]
         for label, s in run.stages.items():
@@ -190,3 +192,22 @@ def write_report(run: RunResult) -> dict[str, Any]:
                       f"{s['cached']} | {stats} |")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return report
+
+
+def rounds_table(stages: dict[str, Any], rounds: int) -> list[str]:
+    """Per self-improvement round: what the round's policy sampled on the training problems, what was
+    selected, and how training went (from the stages' stats, labelled ``r<round>-...``)."""
+    md = ["## Rounds", "", "Round r samples with round r-1's adapter (round 1: the base model), on the training "
+          "problems.", "", "| round | samples | correct | mean tokens | truncated | pairs | examples | train steps | "
+          "loss first -> last |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in range(1, rounds + 1):
+        mine = {label.split("-", 3)[2]: s.get("stats") or {} for label, s in stages.items()
+                if label.startswith(f"r{r}-")}
+        smp, sel, trn = mine.get("sampler", {}), mine.get("selector", {}), mine.get("trainer", {})
+        n = smp.get("samples") or 0
+        md.append(f"| {r} | {n} | {fmt(smp['correct'] / n, pct=True) if n and 'correct' in smp else '-'} | "
+                  f"{fmt(smp.get('mean_tokens', sel.get('mean_sample_tokens')))} | {smp.get('truncated', '-')} | "
+                  f"{sel.get('pairs', '-')} | "
+                  f"{sel.get('examples', '-')} | {trn.get('steps', '-')} | "
+                  f"{fmt(trn.get('loss_first'))} -> {fmt(trn.get('loss_last'))} |")
+    return [*md, ""]

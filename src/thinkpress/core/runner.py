@@ -95,7 +95,7 @@ class Runner:
             if cfg.eval.enabled:
                 t1 = time.perf_counter()
                 adapter = self.executor.adapter_path(result, train_key) if result is not None else None
-                variants = self.evaluator.variants(result, train_key, trainer, adapter)
+                variants = self.evaluator.variants(result, train_key, trainer, adapter, self.executor.rounds)
                 for out in sets:
                     out.variants = [VariantResult(v, self.evaluator.evaluate_variant(v, out.test_set))
                                     for v in variants]

@@ -189,8 +189,9 @@ def load_tokenizer(ctx: StageContext):
 
 
 def load_trainable(ctx: StageContext, cfg: SFTConfig):
-    """The base model in fp32 with a fresh LoRA adapter, and its tokenizer."""
-    from peft import LoraConfig, get_peft_model
+    """The base model in fp32 with a fresh LoRA adapter (or, in a later self-improvement round, the
+    policy's adapter ``ctx.adapter`` to continue, trainable), and its tokenizer."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     from thinkpress.core.models import load_causal_lm, resolve_model_path
 
@@ -201,6 +202,8 @@ def load_trainable(ctx: StageContext, cfg: SFTConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if ctx.adapter:
+        return PeftModel.from_pretrained(model, ctx.adapter, is_trainable=True), tok
     return get_peft_model(model, lcfg), tok
 
 

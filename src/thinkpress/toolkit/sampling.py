@@ -35,7 +35,8 @@ def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, param
                            units_per_item=n)
     samples = [Sample.model_validate(r) for r in recs]
     ctx.stats.update(samples=len(samples), problems=len(problems), correct=sum(s.correct for s in samples),
-                     truncated=sum(s.finish_reason == "length" for s in samples))
+                     truncated=sum(s.finish_reason == "length" for s in samples),
+                     mean_tokens=sum(s.n_tokens for s in samples) / max(1, len(samples)))
     return samples
 
 

@@ -55,6 +55,9 @@ class DPOLConfig(SFTConfig):
     length_lambda: float = Field(default=1.0, ge=0.0, description="lambda of the length term (0: plain DPO)")
     length_sign: Literal[-1, 1] = Field(default=-1, description="Sign of the length term inside the sigmoid "
                                         "(-1: margin, +1: offset; see docs/tokensqueeze.md)")
+    reference: Literal["policy", "base"] = Field(default="policy", description="Reference model: the policy as "
+                                                 "this round starts (iterative DPO; the base model in round 1) or "
+                                                 "always the base model")
 
 
 def dpo_l_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
@@ -84,8 +87,10 @@ class DPOTask:
 
     unit = "pairs"
 
-    def __init__(self, pairs: list[PreferencePair], tok, cfg: DPOLConfig):
+    def __init__(self, pairs: list[PreferencePair], tok, cfg: DPOLConfig, *, continued: bool = False):
         self.cfg = cfg
+        self.continued = continued
+        """Training continues an adapter (a later round): the reference may then be that policy."""
         self.pad_id = tok.pad_token_id
         self.items = []
         for p in pairs:
@@ -110,12 +115,16 @@ class DPOTask:
 
     @torch.no_grad()
     def compute_reference(self, model, acc) -> None:
-        """Reference log-probs: the same model with the LoRA adapter disabled, in eval mode, once."""
+        """Reference log-probs, in eval mode, once: the base model (LoRA adapter disabled), or, when training
+        continues an adapter and ``reference='policy'``, that adapter before the first step."""
+        import contextlib
+
         model = acc.unwrap_model(model)
         was_training = model.training
         model.eval()
         out = torch.zeros(len(self.items), 2)
-        with model.disable_adapter(), acc.autocast():
+        use_policy = self.continued and self.cfg.reference == "policy"
+        with (contextlib.nullcontext() if use_policy else model.disable_adapter()), acc.autocast():
             for s in range(0, len(self.items), self.cfg.batch_size):
                 idx = list(range(s, min(s + self.cfg.batch_size, len(self.items))))
                 ids, labels, mask, _ = self._batch(idx, acc.device)
@@ -151,8 +160,9 @@ class DPOLTrainer(Trainer):
         check_truncation(load_tokenizer(ctx), data.pairs, cfg, component=self.name, ctx=ctx)
 
         def make_task(model, tok, acc):
-            task = DPOTask(data.pairs, tok, cfg)
-            ctx.log(f"reference log-probs for {len(task)} pairs (adapter disabled)")
+            task = DPOTask(data.pairs, tok, cfg, continued=ctx.adapter is not None)
+            ref = "the policy as this round starts" if task.continued and cfg.reference == "policy" else "base model"
+            ctx.log(f"reference log-probs for {len(task)} pairs ({ref})")
             task.compute_reference(model, acc)
             ratio = [math.log(r / c) for _, _, c, r in task.items]
             ctx.stats["mean_log_length_ratio"] = sum(ratio) / len(ratio)

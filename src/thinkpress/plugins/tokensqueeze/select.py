@@ -64,6 +64,7 @@ class DepthSelector(Selector):
         examples: list[Example] = []
         pairs: list[PreferencePair] = []
         counts: dict[str, Counter] = defaultdict(Counter)
+        k_dist: Counter = Counter()
         for pid, group in by_problem.items():
             level = str(difficulty.get(pid))
             counts[level]["problems"] += 1
@@ -98,6 +99,7 @@ class DepthSelector(Selector):
                 counts[level]["no_longer_rejected"] += 1
                 continue
             counts[level]["with_pairs"] += 1
+            k_dist[k] += 1
             counts[level]["pairs"] += len(made)
             pairs += made
             for pos in positives:
@@ -110,6 +112,15 @@ class DepthSelector(Selector):
             mean_pos = sum(e.meta["n_tokens"] for e in examples) / len(examples)
             ctx.stats["mean_chosen_tokens"] = mean_pos
         ctx.stats["mean_sample_tokens"] = sum(s.n_tokens for s in samples) / max(1, len(samples))
+        # k per problem with pairs: with alpha = 0.2, k = ceil(alpha (1 - p) c) exceeds 1 only when
+        # alpha (1 - p) c > 1, i.e. from N > 20 on at best (p = 1/2); below that q-dyn selects what
+        # shortest-correct does, and the log says so.
+        ctx.stats["k_distribution"] = {str(k): k_dist[k] for k in sorted(k_dist)}
+        if k_dist:
+            ctx.log("positives per problem (k: problems): " + ", ".join(f"{k}: {k_dist[k]}" for k in sorted(k_dist)))
+            if set(k_dist) == {1} and self.name != "shortest-correct":
+                ctx.log(f"every problem got k = 1: {self.name} selected what shortest-correct would "
+                        "(raise N, the samples per problem, for adaptive depth to act)")
         for lvl, cnt in per_level.items():
             ctx.log(f"difficulty {lvl}: {cnt.get('problems', 0)} problems, {cnt.get('with_pairs', 0)} with pairs, "
                     f"{cnt.get('pairs', 0)} pairs ({cnt.get('all_correct', 0)} all correct, "
