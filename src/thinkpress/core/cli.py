@@ -204,6 +204,38 @@ def config_show(preset, config_file, sets):
         _fail(e)
 
 
+@cli.command("ablate")
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, help="Study directory (default: studies/out/<study name>)")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Variants run at once "
+              "(local worker processes sharing the stage cache)")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: one Ray task per variant (pip install 'thinkpress[ray]'); the stage cache must be on "
+                   "storage every worker sees")
+@click.option("--dry-run", is_flag=True, help="Print the variants and the training stages they share; run nothing")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output from the runs")
+def ablate_cmd(study_file, out, workers, executor, dry_run, quiet):
+    """Run an ablation study (a YAML file of variants over one base config); write study.json, study.md and
+    pareto.png. Rerunning resumes: finished variants are read back, stages shared between variants run once."""
+    from thinkpress.core.ablate import dry_run as do_dry_run
+    from thinkpress.core.ablate import load_study, run_study
+
+    try:
+        study = load_study(study_file)
+        out_dir = Path(out) if out else Path("studies") / "out" / study.name
+        if dry_run:
+            do_dry_run(study, Path(study_file), out_dir, echo=click.echo)
+            return
+        summary = run_study(study, Path(study_file), out_dir, workers=workers, executor=executor, quiet=quiet,
+                            echo=click.echo)
+    except ThinkpressError as e:
+        _fail(e)
+    st = summary["stage_runs"]
+    click.echo(f"{len(summary['variants'])} variants ({len(summary['ran'])} run now); {st['total']} training "
+               f"stage runs, {st['from_cache']} from the shared cache")
+    click.echo(f"study: {out_dir / 'study.md'}")
+
+
 @cli.command("plan")
 @click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names")
 @click.option("--preset", default=None, metavar="NAME", help="Preset (declared by the plugins; default: default)")

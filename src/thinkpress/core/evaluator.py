@@ -107,9 +107,9 @@ class Evaluator:
                                        threads=torch.get_num_threads()))
             return recs
 
-        recs = ctx.journal_map(ts.problems, run_chunk, chunk_size=engine.preferred_chunk(g.batch_size),
-                               item_id=lambda p: p.id,
-                               desc=f"eval {v.name} on {ts.name}")
+        with self.store.lock(key):  # a worker sharing the cache may be evaluating the same variant: wait, reuse
+            recs = ctx.journal_map(ts.problems, run_chunk, chunk_size=engine.preferred_chunk(g.batch_size),
+                                   item_id=lambda p: p.id, desc=f"eval {v.name} on {ts.name}")
         out_dir = self._eval_dir(ts, v.name)
         write_jsonl(out_dir / "predictions.jsonl", recs)
         metrics = summarize(recs, wall_s=sum(r["wall_s"] for r in recs), decode_s=sum(r["decode_s"] for r in recs),

@@ -52,15 +52,18 @@ class StageExecutor:
         ``adapter``: the policy's adapter (later self-improvement rounds); its trainer key must be in
         ``input_keys``, so the cache key names it.
         """
-        comp = planned.instance
         engine = self.plan.engine_for(stage, planned.name) or self.cfg.engine
-        key = stable_hash(stage, planned.name, comp.config.model_dump(mode="json"), input_keys, self.model_id,
-                          self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype,
-                          *stage_engine_identity(self.cfg, engine))
+        key = self.stage_key(stage, planned, input_keys)
         path = self.store.stage_cache(key)
         label = f"{label_prefix}{index}-{stage}-{planned.name}"
         ctx = StageContext(run=self.state, stage=stage, component=planned.name, workdir=path, key=key,
                            engine_name=engine, adapter=adapter)
+        with self.store.lock(key):  # another worker computing this stage: wait, then reuse its output
+            return self._run_locked(stage, planned, inputs, input_keys, ctx, engine, label)
+
+    def _run_locked(self, stage: str, planned: Planned, inputs: dict, input_keys: list[str], ctx: StageContext,
+                    engine: str, label: str) -> tuple[Any, str]:
+        comp, key, path = planned.instance, ctx.key, ctx.workdir
         if self.store.is_complete(path):
             self.ui.info(f"[{stage}:{planned.name}] cached ({key[:12]})")
             meta = json.loads((path / "meta.json").read_text())
@@ -84,6 +87,32 @@ class StageExecutor:
         self.stage_info[label] = {k: meta.get(k) for k in ("component", "plugin", "engine", "key", "wall_s", "cached",
                                                            "stats")}
         return result, key
+
+    def stage_key(self, stage: str, planned: Planned, input_keys: list[str]) -> str:
+        """A stage's cache key: stage, component, its config, input keys, model, seed, prompt, dtype, engine."""
+        engine = self.plan.engine_for(stage, planned.name) or self.cfg.engine
+        return stable_hash(stage, planned.name, planned.instance.config.model_dump(mode="json"), input_keys,
+                           self.model_id, self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype,
+                           *stage_engine_identity(self.cfg, engine))
+
+    def planned_keys(self, p: Plan, train_problems: list[Problem]) -> dict[str, str]:
+        """Every training stage's cache key (by report label), computed without running anything: what
+        ``core ablate --dry-run`` compares across variants."""
+        if not p.train:
+            return {}
+        out: dict[str, str] = {}
+        keys = [stable_hash([x.model_dump(mode="json") for x in train_problems])]
+        for rnd in range(1, self.cfg.rounds + 1):
+            prefix = f"r{rnd}-" if self.cfg.rounds > 1 else ""
+            chain = [("sampler", p.sampler), ("selector", p.selector), *[("refiner", r) for r in p.refiners],
+                     *[("pruner", r) for r in p.trace_pruners], ("trainer", p.trainer)]
+            k_in = keys
+            for i, (stage, planned) in enumerate(chain, 1):
+                k = self.stage_key(stage, planned, k_in)
+                out[f"{prefix}{i}-{stage}-{planned.name}"] = k
+                k_in = [k]
+            keys = [keys[0], k_in[0]]
+        return out
 
     @staticmethod
     def _save_output(stage: str, path: Path, result: Any) -> None:

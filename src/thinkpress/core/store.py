@@ -20,6 +20,7 @@ All other writes are atomic (temp file + rename).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -151,6 +152,24 @@ class RunStore:
 
     def stage_cache(self, key: str) -> Path:
         return self.cache_dir / key
+
+    @contextlib.contextmanager
+    def lock(self, key: str):
+        """Hold the cache key ``key`` exclusively (an OS file lock, released when the process dies).
+
+        Workers that share the stage cache (``core ablate --workers N``, Ray tasks on shared storage)
+        take it around computing a stage or an evaluation: the first computes and publishes, the
+        others block here and then find the finished output.
+        """
+        import fcntl
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_dir / f"{key}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @staticmethod
     def is_complete(path: Path) -> bool:

@@ -1,0 +1,164 @@
+"""`core ablate`: study files, variant expansion, the shared stage cache, resume, results (fake engine)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from pydantic import Field
+
+import thinkpress
+from thinkpress.core import ablate
+from thinkpress.core.data import Example, TrainingSet, TrainResult
+from thinkpress.core.engines.fake import FakeEngine
+from thinkpress.core.errors import ConfigError
+from thinkpress.core.plugins import build_registry
+from thinkpress.core.stages import ComponentConfig, Selector, Trainer
+from thinkpress.core.store import RunStore
+
+CALLS: list[str] = []
+
+
+class KeepAll(Selector):
+    name = "keep-all"
+
+    def select(self, samples, problems, ctx):
+        return TrainingSet(examples=[Example(id=f"{s.problem_id}#{s.index}", problem_id=s.problem_id,
+                                             prompt=s.prompt, completion=s.completion) for s in samples])
+
+
+class SaltTrainer(Trainer):
+    """A test double: its "adapter" is a salt the fake engine mixes into its outputs."""
+
+    name = "salt-trainer"
+
+    class Config(ComponentConfig):
+        lr: float = Field(default=1e-4, description="only changes the salt")
+
+    def train(self, data, ctx):
+        CALLS.append(f"train lr={self.config.lr}")
+        out = ctx.workdir / "adapter"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "salt").write_text(str(self.config.lr))
+        return TrainResult(adapter_path=str(out), metrics={"steps": 1})
+
+
+def _registry():
+    hooks = SimpleNamespace(
+        register_engines=thinkpress.hookimpl(lambda register: register("fake", FakeEngine.factory)),
+        register_selectors=thinkpress.hookimpl(lambda register: register(KeepAll)),
+        register_trainers=thinkpress.hookimpl(lambda register: register(SaltTrainer)))
+    return build_registry(load_entry_points=False, extra_plugins={"doubles": hooks})
+
+
+def _study(tmp_path: Path, **extra) -> Path:
+    data = {"name": "tiny", "base": {"preset": "smoke", "plugins": ["baseline"], "set": {
+        "engine": "fake", "stages.selector": "keep-all", "stages.trainer": "salt-trainer",
+        "components.rejection-sampler.n": 2, "train_data.limit": 4, "test_data.limit": 6}},
+        "axes": [{"key": "components.salt-trainer.lr", "values": [1e-4, 1e-3]}]} | extra
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.fixture
+def doubles(monkeypatch):
+    reg = _registry()
+    monkeypatch.setattr("thinkpress.core.plugins.get_registry", lambda: reg)
+    CALLS.clear()
+    return reg
+
+
+def test_expand_grid_zip_variants_and_seeds(tmp_path):
+    s = ablate.Study.model_validate({"name": "s", "axes": [{"key": "a.b", "values": [1, 2]},
+                                                           {"key": "c", "values": ["x", "y"], "labels": ["X", "Y"]}]})
+    assert [n for n, _ in ablate.expand(s)] == ["b=1,c=X", "b=1,c=Y", "b=2,c=X", "b=2,c=Y"]
+    z = s.model_copy(update={"combine": "zip", "seeds": [0, 1],
+                             "variants": [ablate.Variant(name="off", set={"stages.refiners": []})]})
+    assert ablate.expand(z) == [("b=1,c=X,seed=0", {"a.b": 1, "c": "x", "seed": 0}),
+                                ("b=1,c=X,seed=1", {"a.b": 1, "c": "x", "seed": 1}),
+                                ("b=2,c=Y,seed=0", {"a.b": 2, "c": "y", "seed": 0}),
+                                ("b=2,c=Y,seed=1", {"a.b": 2, "c": "y", "seed": 1}),
+                                ("off,seed=0", {"stages.refiners": [], "seed": 0}),
+                                ("off,seed=1", {"stages.refiners": [], "seed": 1})]
+
+
+def test_bad_study_files_name_the_key_path(tmp_path, doubles):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"name": "s", "axes": [{"key": "x", "values": []}]}))
+    with pytest.raises(ConfigError, match=r"axes\.0\.values"):
+        ablate.load_study(p)
+    p.write_text(yaml.safe_dump({"name": "s", "combine": "zip", "axes": [{"key": "a", "values": [1]},
+                                                                         {"key": "b", "values": [1, 2]}]}))
+    with pytest.raises(ConfigError, match="equal length"):
+        ablate.load_study(p)
+    # a variant whose config is invalid fails before any variant runs, naming the variant and the key
+    bad = _study(tmp_path, axes=[{"key": "components.salt-trainer.lr", "values": [1e-4, "fast"]}])
+    with pytest.raises(ConfigError, match=r"(?s)variant 'lr=fast'.*components\.salt-trainer\.lr"):
+        ablate.run_study(ablate.load_study(bad), bad, tmp_path / "out", echo=lambda *_: None)
+    assert CALLS == [] and not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
+    study_file = _study(tmp_path)
+    study = ablate.load_study(study_file)
+    out = tmp_path / "out"
+    rows = ablate.dry_run(study, study_file, out, echo=lambda *_: None)
+    # the sampler and selector are shared by both variants, each trainer is its own
+    assert rows[0]["shared"]["1-sampler-rejection-sampler"] == ["lr=0.001"]
+    assert rows[0]["shared"]["3-trainer-salt-trainer"] == [] and CALLS == []
+
+    s = ablate.run_study(study, study_file, out, echo=lambda *_: None)
+    assert CALLS == ["train lr=0.0001", "train lr=0.001"]
+    assert s["stage_runs"] == {"total": 6, "from_cache": 2}  # variant 2 reused the sampler and the selector
+    rows = {(r["variant"], r["test_set"]): r for r in s["rows"]}
+    assert set(rows) == {("lr=0.0001", "arith"), ("lr=0.001", "arith")}
+    r = rows[("lr=0.001", "arith")]
+    assert r["model"] == "trained" and r["n"] == 6 and r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+    vb = r["vs_baseline"]
+    assert vb["n"] == 6 and vb["lost"] + vb["gained"] <= 6 and "significant" in vb
+    assert s["marginal_effects"][0]["axis"] == "components.salt-trainer.lr" and s["marginal_effects"][0]["pairs"] == 1
+    md = (out / "study.md").read_text()
+    assert "## arith" in md and "(baseline)" in md and "## Marginal effects" in md
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert json.loads((out / "study.json").read_text())["rows"] == s["rows"]
+
+    # rerun: nothing recomputed, same rows
+    again = ablate.run_study(study, study_file, out, echo=lambda *_: None)
+    assert CALLS == ["train lr=0.0001", "train lr=0.001"] and again["ran"] == [] and again["rows"] == s["rows"]
+    # a variant killed before it finished (no report): only it runs again, from the cache, same numbers
+    (out / "runs" / "lr=0.001" / "report.json").unlink()
+    resumed = ablate.run_study(study, study_file, out, echo=lambda *_: None)
+    assert resumed["ran"] == ["lr=0.001"] and CALLS == ["train lr=0.0001", "train lr=0.001"]
+    assert resumed["rows"] == s["rows"]
+
+
+def _compute_once(cache_dir: str, key: str, out: str) -> None:
+    store = RunStore(Path(cache_dir) / "run", Path(cache_dir))
+    with store.lock(key):
+        marker = Path(cache_dir) / key / "meta.json"
+        if marker.exists():
+            result = "reused"
+        else:
+            time.sleep(0.5)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("{}")
+            result = "computed"
+    with open(out, "a") as f:
+        f.write(result + "\n")
+
+
+def test_two_workers_reaching_one_stage_compute_it_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    log = tmp_path / "log.txt"
+    procs = [ctx.Process(target=_compute_once, args=(str(tmp_path), "k1", str(log))) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted(log.read_text().split()) == ["computed", "reused"]
