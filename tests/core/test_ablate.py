@@ -4,74 +4,42 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
-from pydantic import Field
 
-import thinkpress
 from thinkpress.core import ablate
-from thinkpress.core.data import Example, TrainingSet, TrainResult
-from thinkpress.core.engines.fake import FakeEngine
 from thinkpress.core.errors import ConfigError
-from thinkpress.core.plugins import build_registry
-from thinkpress.core.stages import ComponentConfig, Selector, Trainer
 from thinkpress.core.store import RunStore
 
-CALLS: list[str] = []
+HERE = Path(__file__).resolve().parent
 
 
-class KeepAll(Selector):
-    name = "keep-all"
-
-    def select(self, samples, problems, ctx):
-        return TrainingSet(examples=[Example(id=f"{s.problem_id}#{s.index}", problem_id=s.problem_id,
-                                             prompt=s.prompt, completion=s.completion) for s in samples])
+def calls() -> list[str]:
+    f = Path(os.environ["THINKPRESS_TEST_CALLS"])
+    return f.read_text().splitlines() if f.exists() else []
 
 
-class SaltTrainer(Trainer):
-    """A test double: its "adapter" is a salt the fake engine mixes into its outputs."""
-
-    name = "salt-trainer"
-
-    class Config(ComponentConfig):
-        lr: float = Field(default=1e-4, description="only changes the salt")
-
-    def train(self, data, ctx):
-        CALLS.append(f"train lr={self.config.lr}")
-        out = ctx.workdir / "adapter"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "salt").write_text(str(self.config.lr))
-        return TrainResult(adapter_path=str(out), metrics={"steps": 1})
-
-
-def _registry():
-    hooks = SimpleNamespace(
-        register_engines=thinkpress.hookimpl(lambda register: register("fake", FakeEngine.factory)),
-        register_selectors=thinkpress.hookimpl(lambda register: register(KeepAll)),
-        register_trainers=thinkpress.hookimpl(lambda register: register(SaltTrainer)))
-    return build_registry(load_entry_points=False, extra_plugins={"doubles": hooks})
+@pytest.fixture
+def doubles(monkeypatch, tmp_path):
+    """The study_doubles plugin module, importable here and in spawned workers; a fresh calls file."""
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("THINKPRESS_TEST_CALLS", str(tmp_path / "calls.txt"))
 
 
 def _study(tmp_path: Path, **extra) -> Path:
-    data = {"name": "tiny", "base": {"preset": "smoke", "plugins": ["baseline"], "set": {
+    data = {"name": "tiny", "plugin_modules": ["study_doubles"], "base": {"preset": "smoke", "plugins": ["baseline"],
+                                                                        "set": {
         "engine": "fake", "stages.selector": "keep-all", "stages.trainer": "salt-trainer",
         "components.rejection-sampler.n": 2, "train_data.limit": 4, "test_data.limit": 6}},
         "axes": [{"key": "components.salt-trainer.lr", "values": [1e-4, 1e-3]}]} | extra
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
-
-
-@pytest.fixture
-def doubles(monkeypatch):
-    reg = _registry()
-    monkeypatch.setattr("thinkpress.core.plugins.get_registry", lambda: reg)
-    CALLS.clear()
-    return reg
 
 
 def test_expand_grid_zip_variants_and_seeds(tmp_path):
@@ -101,7 +69,7 @@ def test_bad_study_files_name_the_key_path(tmp_path, doubles):
     bad = _study(tmp_path, axes=[{"key": "components.salt-trainer.lr", "values": [1e-4, "fast"]}])
     with pytest.raises(ConfigError, match=r"(?s)variant 'lr=fast'.*components\.salt-trainer\.lr"):
         ablate.run_study(ablate.load_study(bad), bad, tmp_path / "out", echo=lambda *_: None)
-    assert CALLS == [] and not (tmp_path / "out" / "runs").exists()
+    assert calls() == [] and not (tmp_path / "out" / "runs").exists()
 
 
 def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
@@ -111,10 +79,10 @@ def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     rows = ablate.dry_run(study, study_file, out, echo=lambda *_: None)
     # the sampler and selector are shared by both variants, each trainer is its own
     assert rows[0]["shared"]["1-sampler-rejection-sampler"] == ["lr=0.001"]
-    assert rows[0]["shared"]["3-trainer-salt-trainer"] == [] and CALLS == []
+    assert rows[0]["shared"]["3-trainer-salt-trainer"] == [] and calls() == []
 
     s = ablate.run_study(study, study_file, out, echo=lambda *_: None)
-    assert CALLS == ["train lr=0.0001", "train lr=0.001"]
+    assert calls() == ["train lr=0.0001", "train lr=0.001"]
     assert s["stage_runs"] == {"total": 6, "from_cache": 2}  # variant 2 reused the sampler and the selector
     rows = {(r["variant"], r["test_set"]): r for r in s["rows"]}
     assert set(rows) == {("lr=0.0001", "arith"), ("lr=0.001", "arith")}
@@ -130,12 +98,41 @@ def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
 
     # rerun: nothing recomputed, same rows
     again = ablate.run_study(study, study_file, out, echo=lambda *_: None)
-    assert CALLS == ["train lr=0.0001", "train lr=0.001"] and again["ran"] == [] and again["rows"] == s["rows"]
+    assert calls() == ["train lr=0.0001", "train lr=0.001"] and again["ran"] == [] and again["rows"] == s["rows"]
     # a variant killed before it finished (no report): only it runs again, from the cache, same numbers
     (out / "runs" / "lr=0.001" / "report.json").unlink()
     resumed = ablate.run_study(study, study_file, out, echo=lambda *_: None)
-    assert resumed["ran"] == ["lr=0.001"] and CALLS == ["train lr=0.0001", "train lr=0.001"]
+    assert resumed["ran"] == ["lr=0.001"] and calls() == ["train lr=0.0001", "train lr=0.001"]
     assert resumed["rows"] == s["rows"]
+
+
+def _without_dirs(rows):
+    return [{k: v for k, v in r.items() if k != "run_dir"} for r in rows]
+
+
+def test_parallel_workers_and_ray_share_the_cache_and_match_one_worker(tmp_path, doubles):
+    """--workers 2 (spawned processes) and the Ray executor (a local Ray on 2 CPUs): both variants start at
+    once and need the same sampler; it runs once, and the results equal a one-worker run's."""
+    import ray
+
+    study_file = _study(tmp_path)
+    study = ablate.load_study(study_file)
+    one = ablate.run_study(study, study_file, tmp_path / "one", echo=lambda *_: None)
+    Path(os.environ["THINKPRESS_TEST_CALLS"]).unlink()
+    two = ablate.run_study(study, study_file, tmp_path / "two", workers=2, echo=lambda *_: None)
+    assert sorted(calls()) == ["train lr=0.0001", "train lr=0.001"]
+    assert two["stage_runs"] == {"total": 6, "from_cache": 2}
+    assert _without_dirs(two["rows"]) == _without_dirs(one["rows"])
+
+    Path(os.environ["THINKPRESS_TEST_CALLS"]).unlink()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        viaray = ablate.run_study(study, study_file, tmp_path / "ray", executor="ray", echo=lambda *_: None)
+    finally:
+        ray.shutdown()
+    assert sorted(calls()) == ["train lr=0.0001", "train lr=0.001"]
+    assert viaray["stage_runs"] == {"total": 6, "from_cache": 2}
+    assert _without_dirs(viaray["rows"]) == _without_dirs(one["rows"])
 
 
 def _compute_once(cache_dir: str, key: str, out: str) -> None:

@@ -1,5 +1,6 @@
 import hashlib
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,23 @@ def test_embedded_smollm_is_verified_and_cached_as_safetensors(smollm_path):
     assert list(p.glob("*.safetensors")) and not list(p.glob("*.bin")) and not list(p.glob("*.pt"))
     assert models.sha256_file(p.parent / "model.gguf") == models.EMBEDDED_MODELS["smollm2-135m"].sha256
     assert models.embedded_state("smollm2-135m") == "ready"
+
+
+def test_dtype_auto_is_bf16_only_where_bf16_is_native(monkeypatch, tmp_path):
+    import torch
+
+    from thinkpress.core.config import RunConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.resolve_dtype("auto") == "float32" and RunConfig().dtype == "float32"
+    assert models.resolve_dtype("bfloat16") == "bfloat16" and RunConfig(dtype="bfloat16").dtype == "bfloat16"
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.resolve_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert models.resolve_dtype("auto") == "float16"
+    # the flags are read from /proc/cpuinfo
+    monkeypatch.undo()
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert models.cpu_has_fast_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -86,6 +86,8 @@ class Study(Strict):
     compare: str = Field(default="trained", description="The evaluated model each variant is judged by (a "
                          "report variant name: trained, or e.g. base+rkv@budget=128); `all`: every one")
     resources: Resources = Field(default_factory=Resources, description="Per-variant resources (Ray)")
+    plugin_modules: list[str] = Field(default_factory=list, description="Importable Python modules registered as "
+                                      "plugins in every worker (plugins that are not installed packages)")
 
     @field_validator("axes")
     @classmethod
@@ -182,13 +184,28 @@ def variant_config(study: Study, study_file: Path, out: Path, name: str, sets: d
 # running
 # --------------------------------------------------------------------------------------------
 
-def run_variant(cfg_yaml: str, quiet: bool = True) -> dict[str, Any]:
+def study_registry(plugin_modules: list[str]):
+    """The registry variants run with: the installed plugins plus the study's ``plugin_modules``."""
+    import importlib
+
+    from thinkpress.core.plugins import build_registry, get_registry
+
+    if not plugin_modules:
+        return get_registry()
+    try:
+        mods = {m: importlib.import_module(m) for m in plugin_modules}
+    except ImportError as e:
+        raise ConfigError(f"plugin_modules: {e}") from None
+    return build_registry(extra_plugins=mods)
+
+
+def run_variant(cfg_yaml: str, quiet: bool = True, plugin_modules: list[str] | None = None) -> dict[str, Any]:
     """Run one variant (in this process); returns its report. Picklable entry point for worker processes."""
     from thinkpress.core.context import UI
     from thinkpress.core.runner import Runner
 
     cfg = RunConfig.model_validate(yaml.safe_load(cfg_yaml))
-    return Runner(cfg, ui=UI(quiet=quiet)).run()
+    return Runner(cfg, registry=study_registry(plugin_modules or []), ui=UI(quiet=quiet)).run()
 
 
 def finished_report(cfg: RunConfig) -> dict[str, Any] | None:
@@ -207,7 +224,8 @@ def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, ex
 
     out.mkdir(parents=True, exist_ok=True)
     variants = expand(study)
-    cfgs = {name: variant_config(study, study_file, out, name, sets) for name, sets in variants}  # all checked first
+    reg = study_registry(study.plugin_modules)
+    cfgs = {name: variant_config(study, study_file, out, name, sets, reg) for name, sets in variants}  # checked first
     atomic_write_text(out / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
     reports: dict[str, dict[str, Any]] = {}
     todo = []
@@ -226,14 +244,14 @@ def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, ex
         from multiprocessing import get_context
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futs = {pool.submit(run_variant, dump_yaml(cfgs[n]), True): n for n in todo}
+            futs = {pool.submit(run_variant, dump_yaml(cfgs[n]), True, study.plugin_modules): n for n in todo}
             for f in as_completed(futs):
                 reports[futs[f]] = f.result()
                 echo(f"[{futs[f]}] done")
     else:
         for n in todo:
             echo(f"[{n}] running: {cfgs[n].run_dir()}")
-            reports[n] = run_variant(dump_yaml(cfgs[n]), quiet)
+            reports[n] = run_variant(dump_yaml(cfgs[n]), quiet, study.plugin_modules)
     summary = summarize_study(study, variants, cfgs, reports, out)
     summary["wall_s"] = time.perf_counter() - t0
     summary["ran"] = todo
@@ -249,7 +267,7 @@ def _run_ray(study: Study, cfg_yamls: dict[str, str], echo) -> dict[str, dict[st
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     task = ray.remote(num_cpus=study.resources.cpus, num_gpus=study.resources.gpus)(run_variant)
-    refs = {name: task.remote(y, True) for name, y in cfg_yamls.items()}
+    refs = {name: task.remote(y, True, study.plugin_modules) for name, y in cfg_yamls.items()}
     out = {}
     for name, ref in refs.items():
         out[name] = ray.get(ref)
@@ -257,22 +275,24 @@ def _run_ray(study: Study, cfg_yamls: dict[str, str], echo) -> dict[str, dict[st
     return out
 
 
-def stage_keys(cfg: RunConfig) -> dict[str, str]:
+def stage_keys(cfg: RunConfig, registry=None) -> dict[str, str]:
     """Each training stage's cache key for this config, computed without running anything."""
     from thinkpress.core.runner import Runner
 
-    runner = Runner(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"enabled": False})}))
+    runner = Runner(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"enabled": False})}),
+                    registry=registry)
     return runner.executor.planned_keys(runner.plan, runner.train_problems)
 
 
 def dry_run(study: Study, study_file: Path, out: Path, echo=print) -> list[dict[str, Any]]:
     """Print the variants, their overrides and which training stages each shares with others."""
     variants = expand(study)
+    reg = study_registry(study.plugin_modules)
     rows = []
     keys: dict[str, dict[str, str]] = {}
     for name, sets in variants:
-        cfg = variant_config(study, study_file, out, name, sets)
-        keys[name] = stage_keys(cfg)
+        cfg = variant_config(study, study_file, out, name, sets, reg)
+        keys[name] = stage_keys(cfg, reg)
         rows.append({"name": name, "overrides": sets, "run_dir": str(cfg.run_dir()), "stages": keys[name]})
     owners: dict[str, list[str]] = {}
     for name, ks in keys.items():

