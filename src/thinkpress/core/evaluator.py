@@ -67,6 +67,15 @@ class Evaluator:
                                            max_new_tokens=v.max_new_tokens, reference=v.name))
         return out
 
+    def eval_key(self, v: EvalVariant, ts: TestSet) -> str:
+        """The evaluation cache key of one variant on one test set (what ``core ablate --dry-run`` compares)."""
+        # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter.
+        # "eval-v3": unmerged adapters and strict grading (older cached evaluations are not reused).
+        engine_name = self.plan.eval_engine or self.cfg.engine
+        return stable_hash("eval-v3", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, ts.key,
+                           self.cfg.eval.generation.model_dump(mode="json"), self.model_id, self.cfg.system_prompt,
+                           self.cfg.dtype, self.cfg.seed, *engine_identity(self.cfg, engine_name))
+
     def evaluate_variant(self, v: EvalVariant, ts: TestSet) -> dict[str, Any]:
         """Evaluate one variant on one test set (resumable per chunk, cached by content key)."""
         import torch
@@ -76,12 +85,8 @@ class Evaluator:
         g = self.cfg.eval.generation
         params = GenParams(max_new_tokens=v.max_new_tokens or g.max_new_tokens, temperature=g.temperature,
                            top_p=g.top_p, stop=g.stop)
-        # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter.
-        # "eval-v3": unmerged adapters and strict grading (older cached evaluations are not reused).
         engine_name = self.plan.eval_engine or self.cfg.engine
-        key = stable_hash("eval-v3", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, ts.key,
-                          g.model_dump(mode="json"), self.model_id, self.cfg.system_prompt, self.cfg.dtype,
-                          self.cfg.seed, *engine_identity(self.cfg, engine_name))
+        key = self.eval_key(v, ts)
         path = self.store.stage_cache(key)
         ctx = StageContext(self.state, "eval", v.name, path, key, engine_name=engine_name)
         engine = self.state.engine(v.adapter, name=engine_name)
