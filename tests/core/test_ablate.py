@@ -88,11 +88,11 @@ def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     assert set(rows) == {("lr=0.0001", "arith"), ("lr=0.001", "arith")}
     r = rows[("lr=0.001", "arith")]
     assert r["model"] == "trained" and r["n"] == 6 and r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
-    vb = r["vs_baseline"]
+    vb = r["vs_control"]
     assert vb["n"] == 6 and vb["lost"] + vb["gained"] <= 6 and "significant" in vb
     assert s["marginal_effects"][0]["axis"] == "components.salt-trainer.lr" and s["marginal_effects"][0]["pairs"] == 1
     md = (out / "study.md").read_text()
-    assert "## arith" in md and "(baseline)" in md and "## Marginal effects" in md
+    assert "## arith" in md and "(control)" in md and "## Marginal effects" in md
     assert (out / "pareto.png").stat().st_size > 1000
     assert json.loads((out / "study.json").read_text())["rows"] == s["rows"]
 

@@ -203,6 +203,36 @@ def test_completion_logps_and_reference_equal_the_base_model(tiny_llama, tmp_pat
     torch.testing.assert_close(anchored.ref.flatten(), torch.tensor(want), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 128])
+def test_chunked_completion_logps_equal_the_full_logits_values_and_gradients(tiny_llama, chunk):
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                prm.normal_(0, 0.1)
+    rows = [encode_example(tok, "Q: 2+2?\nA:", " 4, since two and two make four.", 64),
+            encode_example(tok, "A much longer question, about many things?\nA:", " no", 64)]
+    ids, labels, mask = collate(rows, tok.pad_token_id)
+    grads = []
+    for c in (0, chunk):
+        model.zero_grad()
+        lp = completion_logps(model, ids, mask, labels, c)
+        (lp * torch.tensor([1.0, -2.0])).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if c == 0:
+            want = lp.detach()
+        else:
+            torch.testing.assert_close(lp.detach(), want, atol=1e-4, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+
+
 def test_a_later_round_continues_the_previous_adapter(tmp_path, tiny_llama):
     """load_trainable with ctx.adapter: the saved LoRA weights, trainable, not a fresh B = 0 adapter."""
     from safetensors.torch import load_file

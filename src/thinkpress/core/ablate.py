@@ -11,7 +11,7 @@ ones resume from their runs' journals.
 
 Results: ``study.json`` (one row per variant and evaluated model: the config diff, every metric of
 every test set with its interval, the run directory), ``study.md`` (tables sorted by accuracy, the
-best value per column in bold, the change against the baseline variant with a paired interval, in
+best value per column in bold, the change against the control variant with a paired interval, in
 words when it is no significant change; marginal effects per axis) and ``pareto.png`` (accuracy vs.
 mean tokens with 95% error bars, one panel per test set).
 """
@@ -41,7 +41,7 @@ class StudyBase(Strict):
 
 
 class Axis(Strict):
-    key: str = Field(description="Config key path (components.dpo-l.lr), or `plugins`")
+    key: str = Field(description="Config key path (components.<trainer>.lr), or `plugins`")
     values: list[Any] = Field(min_length=1, description="The values the axis takes")
     labels: list[str] | None = Field(default=None, description="Names of the values in variant names (default: "
                                      "the values)")
@@ -81,10 +81,10 @@ class Study(Strict):
                                             "values; zip: the i-th values together (equal lengths)")
     variants: list[Variant] = Field(default_factory=list, description="Explicit variants, after the axes' ones")
     seeds: list[int] | None = Field(default=None, description="Repeat every variant with these seeds (an axis)")
-    baseline: str | None = Field(default=None, description="The variant the others are compared with (default: "
+    control: str | None = Field(default=None, description="The variant the others are compared with (default: "
                                  "the first)")
     compare: str = Field(default="trained", description="The evaluated model each variant is judged by (a "
-                         "report variant name: trained, or e.g. base+rkv@budget=128); `all`: every one")
+                         "report variant name: trained, or e.g. base+<kv policy>@budget=128); `all`: every one")
     resources: Resources = Field(default_factory=Resources, description="Per-variant resources (Ray)")
     plugin_modules: list[str] = Field(default_factory=list, description="Importable Python modules registered as "
                                       "plugins in every worker (plugins that are not installed packages)")
@@ -356,9 +356,9 @@ def paired_change(ref: list[dict], other: list[dict], seed: int = 0) -> dict[str
 def summarize_study(study: Study, variants: list[tuple[str, dict]], cfgs: dict[str, RunConfig],
                     reports: dict[str, dict], out: Path) -> dict[str, Any]:
     """study.json's content; also writes study.md and pareto.png."""
-    baseline = study.baseline or variants[0][0]
-    if baseline not in cfgs:
-        raise ConfigError(f"baseline: no variant named {baseline!r} (variants: {', '.join(cfgs)})")
+    control = study.control or variants[0][0]
+    if control not in cfgs:
+        raise ConfigError(f"control: no variant named {control!r} (variants: {', '.join(cfgs)})")
     rows: list[dict[str, Any]] = []
     cached = total = 0
     for name, sets in variants:
@@ -377,18 +377,18 @@ def summarize_study(study: Study, variants: list[tuple[str, dict]], cfgs: dict[s
                                  "run_dir": str(cfgs[name].run_dir()),
                                  **{k: v.get(k) for k in METRICS if k in v}})
     bases = {}
-    for ts in reports[baseline]["test_sets"]:
+    for ts in reports[control]["test_sets"]:
         b = next((v for v in ts["variants"] if v["name"] == "base"), None)
         if b:
             bases[ts["name"]] = {k: b.get(k) for k in METRICS if k in b}
     for r in rows:
         ref_model = r["model"] if study.compare != "all" else None
-        ref = _predictions(cfgs[baseline].run_dir(), r["test_set"], ref_model or r["model"])
+        ref = _predictions(cfgs[control].run_dir(), r["test_set"], ref_model or r["model"])
         mine = _predictions(Path(r["run_dir"]), r["test_set"], r["model"])
-        if r["variant"] != baseline and ref is not None and mine is not None:
-            r["vs_baseline"] = paired_change(ref, mine)
+        if r["variant"] != control and ref is not None and mine is not None:
+            r["vs_control"] = paired_change(ref, mine)
     marginal = marginal_effects(study, variants, rows, cfgs)
-    summary = {"study": study.name, "description": study.description, "baseline": baseline,
+    summary = {"study": study.name, "description": study.description, "control": control,
                "compare": study.compare, "variants": [{"name": n, "overrides": s, "run_dir": str(cfgs[n].run_dir())}
                                                       for n, s in variants],
                "base_model": bases, "rows": rows, "marginal_effects": marginal,
@@ -453,7 +453,7 @@ def study_markdown(s: dict[str, Any]) -> str:
     if s["description"]:
         md += [s["description"], ""]
     st = s["stage_runs"]
-    md += [f"{len(s['variants'])} variants; baseline `{s['baseline']}`; {st['total']} training stage runs, "
+    md += [f"{len(s['variants'])} variants; control `{s['control']}`; {st['total']} training stage runs, "
            f"{st['from_cache']} of them reused from the shared stage cache.", ""]
     for ts in sorted({r["test_set"] for r in s["rows"]}):
         rows = sorted((r for r in s["rows"] if r["test_set"] == ts), key=lambda r: -r.get("accuracy", 0))
@@ -468,7 +468,7 @@ def study_markdown(s: dict[str, Any]) -> str:
         md += ["| variant | model | accuracy % [95% CI] | mean tokens [95% CI] | saved vs base % | "
                "vs its reference: pt [95% CI], lost / gained (p) | "
                + ("peak KV vs base | " if kv else "")
-               + "vs baseline: accuracy pt [95% CI] | lost / gained vs baseline (p) |",
+               + "vs control: accuracy pt [95% CI] | lost / gained vs control (p) |",
                "|---|---|---|---|---|---|" + ("---|" if kv else "") + "---|---|"]
         for r in rows:
             acc = f"{_pct(r.get('accuracy'))}{_ci(r.get('accuracy_ci'))}"
@@ -477,9 +477,9 @@ def study_markdown(s: dict[str, Any]) -> str:
                 acc = f"**{acc}**"
             if r.get("mean_tokens") == best_tok:
                 tok = f"**{tok}**"
-            vb = r.get("vs_baseline")
-            if r["variant"] == s["baseline"]:
-                change, flips = "(baseline)", ""
+            vb = r.get("vs_control")
+            if r["variant"] == s["control"]:
+                change, flips = "(control)", ""
             elif vb:
                 words = "" if vb["significant"] else " no significant change"
                 change = f"{100 * vb['accuracy_change']:+.1f}{_ci(vb['accuracy_change_ci'], signed=True)}{words}"

@@ -162,6 +162,40 @@ def completion_logits(model, ids: torch.Tensor, mask: torch.Tensor, labels: torc
     return model(input_ids=ids, attention_mask=mask, logits_to_keep=cols).logits, tgt[:, cols]
 
 
+def _chunk_logp(h: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    logits = (h @ w.T.to(h.dtype)).float()
+    return logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_completion_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *,
+                             chunk_size: int = 128) -> torch.Tensor:
+    """Sum of log p over each row's completion tokens (labels != -100), without the full logits.
+
+    The model runs once (through ``model(...)``, so DDP's gradient hooks see it) for its last hidden
+    states; the LM head and the log-softmax then run over ``chunk_size`` completion positions at a time
+    under activation checkpointing, so neither the forward nor the backward ever holds more than a
+    [chunk_size, vocab] fp32 block (a [batch, tokens, vocab] fp32 tensor is 1.2 GB for 4 x 512 tokens of
+    a 152k vocabulary, and autograd keeps several). Equal to the full computation within float rounding
+    (tested, values and gradients). The LM head must be frozen (LoRA never targets it here).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]
+    tgt = labels[:, 1:]
+    sel = tgt != -100
+    h, t = hidden[sel], tgt[sel]
+    rows = sel.nonzero()[:, 0]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = model.module.get_output_embeddings()  # DDP-wrapped
+    w = head.weight
+    parts = [checkpoint(_chunk_logp, h[s:s + chunk_size], t[s:s + chunk_size], w, use_reentrant=False)
+             for s in range(0, len(t), chunk_size)]
+    lp = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(ids.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+
+
 def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the completion tokens."""
     logits, t = completion_logits(model, ids, mask, labels)

@@ -35,6 +35,7 @@ from thinkpress.api import PreferencePair, StageContext, Trainer, TrainingError,
 from thinkpress.toolkit.lora import (
     SFTConfig,
     check_truncation,
+    chunked_completion_logps,
     collate,
     completion_logits,
     encode_example,
@@ -55,6 +56,8 @@ class DPOLConfig(SFTConfig):
     length_lambda: float = Field(default=1.0, ge=0.0, description="lambda of the length term (0: plain DPO)")
     length_sign: Literal[-1, 1] = Field(default=-1, description="Sign of the length term inside the sigmoid "
                                         "(-1: margin, +1: offset; see docs/tokensqueeze.md)")
+    logit_chunk: int = Field(default=128, ge=0, description="Completion positions per LM-head chunk: log-probs "
+                             "without ever holding [batch, tokens, vocab] logits (0: the full logits at once)")
     reference: Literal["policy", "base"] = Field(default="policy", description="Reference model: the policy as "
                                                  "this round starts (iterative DPO; the base model in round 1) or "
                                                  "always the base model")
@@ -75,8 +78,12 @@ def dpo_l_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_
     return loss, logs
 
 
-def completion_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p over each row's completion tokens (labels != -100)."""
+def completion_logps(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                     chunk_size: int = 0) -> torch.Tensor:
+    """Sum of log p over each row's completion tokens (labels != -100); chunked over positions when
+    ``chunk_size`` > 0 (:func:`thinkpress.toolkit.lora.chunked_completion_logps`)."""
+    if chunk_size:
+        return chunked_completion_logps(model, ids, mask, labels, chunk_size=chunk_size)
     logits, t = completion_logits(model, ids, mask, labels)
     lp = -F.cross_entropy(logits.float().transpose(1, 2), t.clamp(min=0), reduction="none")
     return (lp * (t != -100)).sum(-1)
@@ -128,14 +135,14 @@ class DPOTask:
             for s in range(0, len(self.items), self.cfg.batch_size):
                 idx = list(range(s, min(s + self.cfg.batch_size, len(self.items))))
                 ids, labels, mask, _ = self._batch(idx, acc.device)
-                lp = completion_logps(model, ids, mask, labels).float().cpu()
+                lp = completion_logps(model, ids, mask, labels, self.cfg.logit_chunk).float().cpu()
                 out[idx, 0], out[idx, 1] = lp[: len(idx)], lp[len(idx):]
         model.train(was_training)
         self.ref = out
 
     def loss(self, model, idx, device):
         ids, labels, mask, lens = self._batch(idx, device)
-        lp = completion_logps(model, ids, mask, labels)
+        lp = completion_logps(model, ids, mask, labels, self.cfg.logit_chunk)
         n = len(idx)
         ref = self.ref[idx].to(device)
         c = self.cfg
