@@ -113,8 +113,15 @@ def _print_report(report: dict, cfg) -> None:
 @cli.command()
 @click.option("--plugins", "plugins", default=None, help="Comma-separated plugin names (`core plugins` lists them)")
 @click.option("--data", default=None, help="Dataset name (arith, gsm8k, math500) or a JSONL file/directory")
+@click.option("--launcher", type=click.Choice(["none", "accelerate"]), default=None,
+              help="Run the trainer stage in this process (none) or under `accelerate launch` (launch.launcher)")
+@click.option("--num-processes", type=int, default=None, metavar="N",
+              help="Training processes under the launcher (launch.num_processes; CPU processes use gloo)")
+@click.option("--accelerate-config", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="accelerate config file for the launcher, e.g. DeepSpeed ZeRO or FSDP (launch.config_file)")
 @_common_options
-def run(plugins, data, preset, config_file, model, sets, out, overwrite, quiet):
+def run(plugins, data, launcher, num_processes, accelerate_config, preset, config_file, model, sets, out, overwrite,
+        quiet):
     """Run the pipeline and the evaluation; write DIR/report.json and DIR/report.md."""
     from thinkpress.core.plugins import get_registry
 
@@ -124,6 +131,12 @@ def run(plugins, data, preset, config_file, model, sets, out, overwrite, quiet):
         _fail(e)
     if plugins:
         overrides["plugins"] = [p.strip() for p in plugins.split(",") if p.strip()]
+    launch = {k: v for k, v in (("launcher", launcher), ("num_processes", num_processes),
+                                ("config_file", accelerate_config)) if v is not None}
+    if launch.get("num_processes", 1) > 1 or accelerate_config:
+        launch.setdefault("launcher", "accelerate")
+    if launch:
+        overrides["launch"] = launch
     _execute(overrides, preset, config_file, sets, overwrite, quiet)
 
 

@@ -85,6 +85,39 @@ class StageFallback(Strict):
     trainer: str | None = Field(default=None, description="Trainer that runs when no selected plugin provides one")
 
 
+class LaunchConfig(Strict):
+    """How training stages run: in this process, or as N processes under ``accelerate launch``.
+
+    Generation stages keep their own parallelism (the engine's: vLLM tensor/data parallel); only the
+    trainer stage is launched. See docs/training.md.
+    """
+
+    launcher: Literal["none", "accelerate"] = Field(
+        default="none", description="none: train in this process; accelerate: `accelerate launch` the trainer stage "
+        "as num_processes processes (DDP; DeepSpeed or FSDP through config_file)")
+    num_processes: int = Field(default=1, ge=1, description="Training processes (one per GPU; on CPU, gloo)")
+    config_file: str | None = Field(default=None, description="accelerate config file (e.g. configs/accelerate/"
+                                    "deepspeed-zero3.yaml); its num_processes is overridden by num_processes")
+    main_process_port: int | None = Field(default=None, ge=1, le=65535, description="Rendezvous port (default: a "
+                                          "free one)")
+
+    def identity(self) -> list[Any]:
+        """What a trainer stage's cache key adds for this launch: nothing for one process in this process (so
+        such keys are unchanged), else the launcher, the process count and the config file's content."""
+        if self.launcher == "none":
+            return []
+        text = Path(self.config_file).read_text() if self.config_file else None
+        return ["launch", self.launcher, self.num_processes, text]
+
+    @model_validator(mode="after")
+    def _check(self) -> LaunchConfig:
+        if self.launcher == "none" and self.num_processes > 1:
+            raise ValueError("num_processes > 1 needs launcher: accelerate")
+        if self.config_file and not Path(self.config_file).is_file():
+            raise ValueError(f"config_file: {self.config_file!r} is not a file")
+        return self
+
+
 class RunConfig(Strict):
     name: str | None = Field(default=None, description="Run name (default: derived from plugins and config hash)")
     preset: str | None = Field(default=None, description="Preset the config started from (plugins declare presets)")
@@ -119,6 +152,8 @@ class RunConfig(Strict):
     components: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-component config, keyed by component name"
     )
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="How the trainer stage runs: in this "
+                                 "process or under `accelerate launch` (docs/training.md)")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings")
     seed: int = Field(default=0, description="Global seed (data generation, sampling, training)")
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: torch's choice, "

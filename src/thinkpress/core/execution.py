@@ -1,7 +1,8 @@
 """Stage execution: each training stage through the ``run_stage`` hook, cached under a content key.
 
 A stage's key hashes the stage, the component and its config, the keys of its inputs, the model
-identity, the seed, the system prompt, the dtype and the engine that runs it (with its options). A
+identity, the seed, the system prompt, the dtype and the engine that runs it (with its options); a
+trainer launched as several processes adds the launch (:meth:`LaunchConfig.identity`). A
 finished stage (``meta.json`` written last) is loaded instead of recomputed; long stages resume from
 their journal (see :mod:`.store`).
 """
@@ -72,7 +73,12 @@ class StageExecutor:
         else:
             path.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            result = self.reg.pm.hook.run_stage(stage=stage, component=comp, inputs=inputs, ctx=ctx)
+            if stage == "trainer" and self.cfg.launch.launcher != "none":
+                from thinkpress.core.launch import launch_trainer
+
+                result = launch_trainer(self.cfg, self.reg, planned, inputs["data"], ctx)
+            else:
+                result = self.reg.pm.hook.run_stage(stage=stage, component=comp, inputs=inputs, ctx=ctx)
             if result is None:
                 raise PluginError(f"run_stage returned nothing for {stage} {planned.name!r}")
             wall = time.perf_counter() - t0
@@ -91,9 +97,10 @@ class StageExecutor:
     def stage_key(self, stage: str, planned: Planned, input_keys: list[str]) -> str:
         """A stage's cache key: stage, component, its config, input keys, model, seed, prompt, dtype, engine."""
         engine = self.plan.engine_for(stage, planned.name) or self.cfg.engine
+        launch = self.cfg.launch.identity() if stage == "trainer" else []  # empty for in-process training
         return stable_hash(stage, planned.name, planned.instance.config.model_dump(mode="json"), input_keys,
                            self.model_id, self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype,
-                           *stage_engine_identity(self.cfg, engine))
+                           *stage_engine_identity(self.cfg, engine), *launch)
 
     def planned_keys(self, p: Plan, train_problems: list[Problem]) -> dict[str, str]:
         """Every training stage's cache key (by report label), computed without running anything: what

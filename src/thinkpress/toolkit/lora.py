@@ -9,7 +9,9 @@ clear error while keeping the last good weights, and reports progress through th
 Before the model is loaded (only its tokenizer), :func:`check_truncation` counts the examples (or pairs)
 that ``max_length`` would cut, records the count in the stage's stats and refuses to train when
 more than 5% would be cut.
-Several GPUs: launch ``thinkpress run`` under ``accelerate launch``; the loop uses ``Accelerator``.
+Several processes (GPUs, or CPU processes over gloo): ``core run --launcher accelerate --num-processes N``
+runs the trainer stage under ``accelerate launch`` (:mod:`thinkpress.core.launch`); :func:`train_lora` splits
+each micro-batch across the processes and only the main process writes. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -248,7 +250,13 @@ class LoraTask(Protocol):
     def __len__(self) -> int: ...
 
     def loss(self, model, idx: list[int], device) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of the items ``idx`` (a scalar with grad) and numbers to log (averaged per epoch)."""
+        """Loss of the items ``idx`` (a scalar with grad: the mean over :meth:`weight` units) and numbers to log
+        (averaged per epoch)."""
+        ...
+
+    def weight(self, idx: list[int]) -> float:
+        """How many units :meth:`loss` averages over for ``idx`` (tokens for SFT, pairs for DPO): when a micro-batch
+        is split across processes, each process's share is weighted by it, so the gradient is the whole batch's."""
         ...
 
 
@@ -258,13 +266,31 @@ class SFTTask:
         self.pad_id = tok.pad_token_id
         if not self.items:
             raise TrainingError(f"every example's prompt is longer than max_length={cfg.max_length}")
+        self.n_targets = [sum(y != -100 for y in labels[1:]) for _, labels in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def weight(self, idx: list[int]) -> float:
+        return float(sum(self.n_targets[i] for i in idx))  # the loss is a mean over completion tokens
+
     def loss(self, model, idx, device):
         ids, labels, mask = (t.to(device) for t in collate([self.items[i] for i in idx], self.pad_id))
         return completion_loss(model, ids, mask, labels), {}
+
+
+def global_micro_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """The global micro-batches: seeded reshuffled passes over ``range(n)``, ``batch_size`` items at a time (a
+    pass's last batch may be shorter). Every process draws the same sequence; a resumed run replays it."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for s in range(0, n, batch_size):
+            yield order[s:s + batch_size]
+
+
+CHECKPOINT_STATE = "trainer_state.pt"
 
 
 def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
@@ -273,9 +299,22 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
 
     ``make_task(model, tokenizer, accelerator)`` encodes the data (and may run the model once, e.g.
     for DPO's reference log-probs) after the model is loaded and before the first step.
+
+    Several processes (``accelerate launch``, see :mod:`thinkpress.core.launch`): ``batch_size`` and
+    ``grad_accum`` keep their meaning for the whole job. Each global micro-batch is split across the
+    processes (process r takes items r, r+N, ...), each share's loss is weighted by its part of the
+    batch (:meth:`LoraTask.weight`) and DDP averages the gradients, so the update equals the
+    one-process update on the same batch (within float rounding; tested with two CPU processes).
+    Only the main process writes (adapter, checkpoints). Every ``save_every`` steps the adapter, the
+    optimizer and scheduler state and the step are checkpointed in ``adapter_last_good/``; a rerun of
+    the stage after a kill continues from there (the data order is replayed; dropout is seeded per
+    micro-batch and process), and ends with the same adapter as an uninterrupted run.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from thinkpress.core.store import derive_seed
 
     torch.manual_seed(ctx.seed)
     model, tok = load_trainable(ctx, cfg)
@@ -288,7 +327,9 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
         AcceleratorState._reset_state()
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
                       mixed_precision=precision)
-    model = acc.prepare(model)
+    world, rank = acc.num_processes, acc.process_index
+    sharded = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    model = model.to(acc.device)
     task = make_task(model, tok, acc)
     micro_per_epoch = math.ceil(len(task) / cfg.batch_size)
     # whole optimizer steps: a trailing partial accumulation would be computed and then dropped
@@ -296,59 +337,103 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
     total_micro = total_steps * cfg.grad_accum
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
+    # stepped by hand once per optimizer step: accelerate's wrapper would step it once per process
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps),
                                                              cfg.scheduler))
-    opt, sched = acc.prepare(opt, sched)
+    if acc.state.deepspeed_plugin is not None:  # no dataloader to read the per-process batch from
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = math.ceil(cfg.batch_size
+                                                                                                  / world)
+    model, opt = acc.prepare(model, opt)
     model.train()
     good_dir, final_dir = out_dir / "adapter_last_good", out_dir / "adapter"
-
-    def save(dest: Path, step: int) -> None:
-        with atomic_dir(dest) as tmp:
-            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-            (tmp / "step.json").write_text(json.dumps({"step": step}))
-
-    save(good_dir, 0)
-    rng = random.Random(ctx.seed)
     losses: list[float] = []
     logs: list[dict[str, float]] = []
-    step, micro, t0 = 0, 0, time.perf_counter()
-    order: list[int] = []
+
+    def save(dest: Path, step: int, micro: int) -> None:
+        weights = acc.get_state_dict(model)  # every process: gathers the shards under ZeRO-3 / FSDP
+        if acc.is_main_process:
+            with atomic_dir(dest) as tmp:
+                acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+                if dest == good_dir:
+                    torch.save({"step": step, "micro": micro, "total_steps": total_steps, "losses": losses,
+                                "logs": logs, "scheduler": sched.state_dict(),
+                                "optimizer": None if sharded else opt.state_dict()}, tmp / CHECKPOINT_STATE)
+                (tmp / "step.json").write_text(json.dumps({"step": step}))
+        acc.wait_for_everyone()
+
+    step = micro = 0
+    ck = good_dir / CHECKPOINT_STATE
+    if ck.exists():
+        saved = torch.load(ck, weights_only=False)
+        if saved["total_steps"] == total_steps and 0 < saved["step"] < total_steps:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(acc.unwrap_model(model), load_file(good_dir / "adapter_model.safetensors"))
+            if saved["optimizer"] is not None:
+                opt.load_state_dict(saved["optimizer"])
+            elif sharded:
+                ctx.log("the optimizer state is sharded (DeepSpeed/FSDP) and not checkpointed: it restarts")
+            sched.load_state_dict(saved["scheduler"])
+            step, micro, losses, logs = saved["step"], saved["micro"], saved["losses"], saved["logs"]
+            ctx.stats["resumed_from_step"] = step
+            ctx.log(f"resuming from the checkpoint at step {step} of {total_steps}")
+    if step == 0:
+        save(good_dir, 0, 0)
+    batches = global_micro_batches(len(task), cfg.batch_size, ctx.seed)
+    for _ in range(micro):  # replay the data order up to the checkpoint
+        next(batches)
+    visits = torch.zeros(world, len(task), dtype=torch.long)
+    t0 = time.perf_counter()
     with ctx.ui.progress(f"training ({total_steps} steps)", total_steps) as advance:
+        advance(step)
         while micro < total_micro:
-            if not order:
-                order = list(range(len(task)))
-                rng.shuffle(order)
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+            idx = next(batches)
+            mine = idx[rank::world]
+            share = task.weight(mine) / task.weight(idx) if mine else 0.0
+            mine = mine or idx[:1]  # a process with no share still runs (scaled to 0) so DDP's all-reduce matches
+            visits[rank, mine] += int(share > 0)
+            torch.manual_seed(derive_seed(ctx.seed, "micro-batch", micro, rank))  # dropout, replayable on resume
             with acc.accumulate(model), acc.autocast():
-                loss, extra = task.loss(model, idx, acc.device)
-                if not torch.isfinite(loss):
+                loss, extra = task.loss(model, mine, acc.device)
+                # the batch's mean loss is the sum of the shares; DDP averages gradients over processes
+                acc.backward(loss * (share * world))
+                keys = sorted(extra)
+                logged = torch.tensor([loss.item(), *[extra[k] for k in keys]], dtype=torch.float64) * share
+                if world > 1:
+                    logged = acc.reduce(logged.to(acc.device), reduction="sum").cpu()
+                if not math.isfinite(logged[0].item()):
                     raise TrainingError(
-                        f"non-finite training loss ({loss.item()}) at optimizer step {step}, micro-batch {micro}; "
-                        f"stopped. The last good adapter is kept in {good_dir}. Lower the learning rate "
+                        f"non-finite training loss ({logged[0].item()}) at optimizer step {step}, micro-batch "
+                        f"{micro}; stopped. The last good adapter is kept in {good_dir}. Lower the learning rate "
                         f"(components.<trainer>.lr, now {cfg.lr}) or check the data."
                     )
-                acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
-                sched.step()
                 opt.zero_grad()
-            losses.append(loss.item())
-            logs.append(extra)
+            losses.append(logged[0].item())
+            logs.append(dict(zip(keys, logged[1:].tolist(), strict=True)))
             micro += 1
             if acc.sync_gradients:
+                sched.step()
                 step += 1
                 advance(1)
-                if step % cfg.save_every == 0:
-                    save(good_dir, step)
+                if step % cfg.save_every == 0 and step < total_steps:
+                    save(good_dir, step, micro)
     wall = time.perf_counter() - t0
-    save(final_dir, step)
+    save(final_dir, step, micro)
     last = slice(-micro_per_epoch, None)
     metrics = {
         getattr(task, "unit", "examples"): len(task), "steps": step, "micro_batches": micro, "wall_s": wall,
-        "s_per_step": wall / max(1, step), "loss_first": losses[0], "loss_last": losses[-1],
-        "loss_mean_last_epoch": sum(losses[last]) / len(losses[last]),
+        "s_per_step": wall / max(1, step - ctx.stats.get("resumed_from_step", 0)), "loss_first": losses[0],
+        "loss_last": losses[-1], "loss_mean_last_epoch": sum(losses[last]) / len(losses[last]),
     }
+    if world > 1:
+        visits = acc.reduce(visits.to(acc.device), reduction="sum").cpu()
+        metrics |= {"processes": world, "items_per_process": (visits > 0).sum(1).tolist(),
+                    "item_visits_per_process": visits.sum(1).tolist(),
+                    "items_seen_by_several_processes": int(((visits > 0).sum(0) > 1).sum())}
     for k in sorted({k for d in logs for k in d}):
         vals = [d[k] for d in logs[last] if k in d]
         if vals:

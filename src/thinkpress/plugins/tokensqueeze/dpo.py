@@ -17,9 +17,12 @@ larger gradient (SimPO-style). ``+1`` makes it an offset that saturates exactly 
 Ablations by config: DPO alone (``eta=1, length_lambda=0``), SFT alone (``eta=0``), DPO+SFT
 (``length_lambda=0``), DPO-L+SFT (default).
 
-Why not TRL's ``DPOTrainer``: its losses have no length term inside the sigmoid, it would be a heavy
-dependency for ~20 lines of loss, and the shared LoRA loop here already handles bf16 autocast on CPU,
-checkpoints and the non-finite-loss stop. The loss is tested against a hand computation.
+Why not TRL's ``DPOTrainer`` (checked against TRL 1.16, docs/training.md): its ``loss_type`` list can
+mix the sigmoid DPO loss with an SFT term (``["sigmoid", "sft"]`` with ``loss_weights``, what
+``rpo_alpha`` was), but no loss takes a per-pair term inside the sigmoid, so the length term would mean
+overriding its private loss method. The shared LoRA loop here (:func:`~thinkpress.toolkit.lora.train_lora`)
+already shards batches across processes, checkpoints and resumes, and stops on a non-finite loss.
+The loss is tested against a hand computation.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from thinkpress.toolkit.lora import (
     load_tokenizer,
     train_lora,
 )
+
+REFERENCE_FILE = "reference_logps.pt"
+"""The reference log-probs ([pairs, 2]: chosen, rejected), kept in the stage's work directory for a resume."""
 
 
 class DPOLConfig(SFTConfig):
@@ -120,23 +126,30 @@ class DPOTask:
         lens = torch.tensor([[self.items[i][2] for i in idx], [self.items[i][3] for i in idx]], device=device)
         return ids, labels, mask, lens
 
+    def weight(self, idx: list[int]) -> float:
+        return float(len(idx))  # the loss is a mean over pairs
+
     @torch.no_grad()
     def compute_reference(self, model, acc) -> None:
         """Reference log-probs, in eval mode, once: the base model (LoRA adapter disabled), or, when training
-        continues an adapter and ``reference='policy'``, that adapter before the first step."""
+        continues an adapter and ``reference='policy'``, that adapter before the first step. Several processes
+        split the batches and sum their parts (each pair is computed by one process)."""
         import contextlib
 
         model = acc.unwrap_model(model)
         was_training = model.training
         model.eval()
-        out = torch.zeros(len(self.items), 2)
+        out = torch.zeros(len(self.items), 2, dtype=torch.float32)
         use_policy = self.continued and self.cfg.reference == "policy"
+        starts = list(range(0, len(self.items), self.cfg.batch_size))[acc.process_index::acc.num_processes]
         with (contextlib.nullcontext() if use_policy else model.disable_adapter()), acc.autocast():
-            for s in range(0, len(self.items), self.cfg.batch_size):
+            for s in starts:
                 idx = list(range(s, min(s + self.cfg.batch_size, len(self.items))))
                 ids, labels, mask, _ = self._batch(idx, acc.device)
                 lp = completion_logps(model, ids, mask, labels, self.cfg.logit_chunk).float().cpu()
                 out[idx, 0], out[idx, 1] = lp[: len(idx)], lp[len(idx):]
+        if acc.num_processes > 1:
+            out = acc.reduce(out.to(acc.device), reduction="sum").cpu()
         model.train(was_training)
         self.ref = out
 
@@ -169,8 +182,17 @@ class DPOLTrainer(Trainer):
         def make_task(model, tok, acc):
             task = DPOTask(data.pairs, tok, cfg, continued=ctx.adapter is not None)
             ref = "the policy as this round starts" if task.continued and cfg.reference == "policy" else "base model"
-            ctx.log(f"reference log-probs for {len(task)} pairs ({ref})")
-            task.compute_reference(model, acc)
+            cached = ctx.workdir / REFERENCE_FILE
+            saved = torch.load(cached) if cached.exists() else None
+            if saved is not None and saved.shape == (len(task), 2):  # a resumed stage: computed before the kill
+                task.ref = saved
+                ctx.log(f"reference log-probs for {len(task)} pairs ({ref}) from {cached.name}")
+            else:
+                ctx.log(f"reference log-probs for {len(task)} pairs ({ref})")
+                task.compute_reference(model, acc)
+                if acc.is_main_process:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(task.ref, cached)
             ratio = [math.log(r / c) for _, _, c, r in task.items]
             ctx.stats["mean_log_length_ratio"] = sum(ratio) / len(ratio)
             return task
