@@ -92,8 +92,8 @@ def test_shipped_accelerate_configs_load(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
     c = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
-    assert c.num_processes == 8 and c.distributed_type.value == {"ddp-8gpu": "MULTI_GPU", "deepspeed-zero3": "DEEPSPEED",
-                                                                  "fsdp-8gpu": "FSDP"}[name]
+    kinds = {"ddp-8gpu": "MULTI_GPU", "deepspeed-zero3": "DEEPSPEED", "fsdp-8gpu": "FSDP"}
+    assert c.num_processes == 8 and c.distributed_type.value == kinds[name]
 
 
 def test_plugins_registered_as_objects_cannot_be_launched(monkeypatch):
