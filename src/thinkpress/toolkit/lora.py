@@ -307,8 +307,9 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
     one-process update on the same batch (within float rounding; tested with two CPU processes).
     Only the main process writes (adapter, checkpoints). Every ``save_every`` steps the adapter, the
     optimizer and scheduler state and the step are checkpointed in ``adapter_last_good/``; a rerun of
-    the stage after a kill continues from there (the data order is replayed; dropout is seeded per
-    micro-batch and process), and ends with the same adapter as an uninterrupted run.
+    the stage after a kill continues from there (the data order is replayed, the dropout generator
+    restored; several processes seed dropout per micro-batch and process), and ends with the same
+    adapter as an uninterrupted run (tested). One process trains exactly as before the launcher existed.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -356,7 +357,7 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
                 acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
                 if dest == good_dir:
                     torch.save({"step": step, "micro": micro, "total_steps": total_steps, "losses": losses,
-                                "logs": logs, "scheduler": sched.state_dict(),
+                                "logs": logs, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                 "optimizer": None if sharded else opt.state_dict()}, tmp / CHECKPOINT_STATE)
                 (tmp / "step.json").write_text(json.dumps({"step": step}))
         acc.wait_for_everyone()
@@ -375,6 +376,8 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
             elif sharded:
                 ctx.log("the optimizer state is sharded (DeepSpeed/FSDP) and not checkpointed: it restarts")
             sched.load_state_dict(saved["scheduler"])
+            if world == 1:  # one process draws dropout from the global generator: restore it
+                torch.set_rng_state(saved["torch_rng"])
             step, micro, losses, logs = saved["step"], saved["micro"], saved["losses"], saved["logs"]
             ctx.stats["resumed_from_step"] = step
             ctx.log(f"resuming from the checkpoint at step {step} of {total_steps}")
@@ -393,7 +396,8 @@ def train_lora(ctx: StageContext, cfg: SFTConfig, *, out_dir: Path,
             share = task.weight(mine) / task.weight(idx) if mine else 0.0
             mine = mine or idx[:1]  # a process with no share still runs (scaled to 0) so DDP's all-reduce matches
             visits[rank, mine] += int(share > 0)
-            torch.manual_seed(derive_seed(ctx.seed, "micro-batch", micro, rank))  # dropout, replayable on resume
+            if world > 1:  # dropout masks: a seed per micro-batch and process, so every process can replay them
+                torch.manual_seed(derive_seed(ctx.seed, "micro-batch", micro, rank))
             with acc.accumulate(model), acc.autocast():
                 loss, extra = task.loss(model, mine, acc.device)
                 # the batch's mean loss is the sum of the shares; DDP averages gradients over processes
