@@ -33,7 +33,7 @@ smoke: install
 
 # Every step collects tests, so pytest's exit code 5 (nothing collected) means a broken suite: it fails.
 test: install
-	$(PY) -m pytest -q --timeout 1800 tests examples/thinkpress-shortest/tests
+	$(PY) -m pytest -q --timeout 1800 --durations=25 tests examples/thinkpress-shortest/tests
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples scripts

@@ -239,6 +239,7 @@ def load_trainable(ctx: StageContext, cfg: SFTConfig):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        model.config.use_cache = False  # training never reads the KV cache (and transformers warns otherwise)
     if ctx.adapter:
         return PeftModel.from_pretrained(model, ctx.adapter, is_trainable=True), tok
     return get_peft_model(model, lcfg), tok
