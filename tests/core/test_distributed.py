@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from thinkpress.core.config import LaunchConfig, build_config
 from thinkpress.core.context import UI, RunState, StageContext
 from thinkpress.core.data import Example, PreferencePair, TrainingSet
-from thinkpress.core.errors import ConfigError, PluginError
+from thinkpress.core.errors import ConfigError, PluginError, TrainingError
 from thinkpress.core.launch import AUDIT_ENV, launch_command, launch_trainer, plugin_modules
 from thinkpress.core.planning import resolve_plan
 from thinkpress.core.plugins import build_registry, get_registry
@@ -202,6 +202,73 @@ def test_a_killed_training_resumes_from_its_checkpoint(tmp_path, tiny_llama, mon
     out = LoraSFT(cfg).train(data, ctx)
     assert ctx.stats["resumed_from_step"] == 5 and ctx.stats["steps"] == 16
     assert ctx.stats["loss_last"] == pytest.approx(ref_ctx.stats["loss_last"], rel=1e-6)
+    a = load_file(Path(ref.adapter_path) / "adapter_model.safetensors")
+    b = load_file(Path(out.adapter_path) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+
+
+_KILLABLE = """
+import os
+
+import thinkpress
+from thinkpress.plugins.baseline.sft import LoraSFT
+from thinkpress.toolkit import lora
+
+
+class KillableSFT(LoraSFT):
+    name = "killable-sft"
+    description = "lora-sft whose processes all exit at micro-batch $KILL_AT (for the resume test)"
+
+    def train(self, data, ctx):
+        at, real, calls = int(os.environ.get("KILL_AT", "0")), lora.SFTTask.loss, [0]
+
+        def loss(task, model, idx, device):
+            calls[0] += 1
+            if calls[0] == at:
+                os._exit(9)
+            return real(task, model, idx, device)
+
+        lora.SFTTask.loss = loss
+        try:
+            return super().train(data, ctx)
+        finally:
+            lora.SFTTask.loss = real
+
+
+@thinkpress.hookimpl
+def register_trainers(register):
+    register(KillableSFT)
+"""
+
+
+def test_a_killed_launched_training_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_llama, monkeypatch):
+    (tmp_path / "killable_trainer.py").write_text(_KILLABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the launched processes import the plugin by name
+    import killable_trainer
+
+    reg = build_registry(extra_plugins={"killable_trainer": killable_trainer})
+    sets = [f"model={tiny_llama}", f"out={tmp_path / 'run'}", "dtype=float32", "plugins=[baseline]",
+            "stages.trainer=killable-sft", "launch.launcher=accelerate", "launch.num_processes=2",
+            *(f"components.killable-sft.{k}" for k in ("epochs=4", "batch_size=2", "grad_accum=1", "save_every=1",
+                                                       "lr=1e-3", "autocast_bf16=false"))]
+    cfg = build_config(preset="smoke", sets=sets)
+    planned = resolve_plan(cfg, reg).trainer
+    data = TrainingSet(examples=_examples(8))  # 4 global micro-batches per epoch: 16 steps; dropout 0.05 on
+
+    def launch(work: str):
+        state = RunState(cfg, reg, RunStore(tmp_path / "run", tmp_path / "cache"), UI(quiet=True))
+        ctx = StageContext(run=state, stage="trainer", component=planned.name, workdir=tmp_path / work, key=work)
+        return launch_trainer(cfg, reg, planned, data, ctx), ctx
+
+    ref, _ = launch("uninterrupted")
+    monkeypatch.setenv("KILL_AT", "6")  # both processes die in the 6th micro-batch, after step 5's checkpoint
+    with pytest.raises(TrainingError, match="failed"):
+        launch("killed")
+    assert json.loads((tmp_path / "killed" / "adapter_last_good" / "step.json").read_text())["step"] == 5
+    monkeypatch.delenv("KILL_AT")
+    out, ctx = launch("killed")
+    assert ctx.stats["resumed_from_step"] == 5 and ctx.stats["steps"] == 16 and ctx.stats["processes"] == 2
     a = load_file(Path(ref.adapter_path) / "adapter_model.safetensors")
     b = load_file(Path(out.adapter_path) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
