@@ -72,6 +72,19 @@ def test_bad_study_files_name_the_key_path(tmp_path, doubles):
     assert calls() == [] and not (tmp_path / "out" / "runs").exists()
 
 
+def test_cli_set_overrides_the_base_of_every_variant_but_not_a_variants_own_key(tmp_path, doubles):
+    p = _study(tmp_path, variants=[{"name": "own-limit", "set": {"test_data.limit": 3}}])
+    study = ablate.with_overrides(ablate.load_study(p), ["threads=1", "test_data.limit=5"])
+    assert ablate.load_study(p).base.set["test_data.limit"] == 6  # the file's study is untouched
+    reg = ablate.study_registry(study.plugin_modules)
+    cfgs = {n: ablate.variant_config(study, p, tmp_path / "out", n, sets, reg) for n, sets in ablate.expand(study)}
+    assert sorted(cfgs) == ["lr=0.0001", "lr=0.001", "own-limit"]
+    assert {n: (c.threads, c.test_data[0].limit) for n, c in cfgs.items()} == {
+        "lr=0.0001": (1, 5), "lr=0.001": (1, 5), "own-limit": (1, 3)}
+    with pytest.raises(ConfigError, match="key.path=value"):
+        ablate.with_overrides(study, ["threads"])
+
+
 def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     study_file = _study(tmp_path)
     study = ablate.load_study(study_file)

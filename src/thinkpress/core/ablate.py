@@ -135,6 +135,20 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(f"{path}: " + format_validation_error(e)) from None
 
 
+def with_overrides(study: Study, sets: list[str] | tuple[str, ...]) -> Study:
+    """The study with ``key.path=value`` overrides (``core ablate --set``) added to its base: every variant gets
+    them, and a variant that sets the same key itself keeps its own value."""
+    if not sets:
+        return study
+    from thinkpress.core.config import parse_set
+
+    base_set = dict(study.base.set)
+    for expr in sets:
+        key, value = parse_set(expr)
+        base_set[".".join(key)] = value
+    return study.model_copy(update={"base": study.base.model_copy(update={"set": base_set})})
+
+
 def expand(study: Study) -> list[tuple[str, dict[str, Any]]]:
     """The variants as (name, overrides): the axes' combinations, the explicit variants, times the seeds."""
     out: list[tuple[str, dict[str, Any]]] = []

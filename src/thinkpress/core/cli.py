@@ -227,14 +227,16 @@ def config_show(preset, config_file, sets):
                    "storage every worker sees")
 @click.option("--dry-run", is_flag=True, help="Print the variants and the training stages they share; run nothing")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output from the runs")
-def ablate_cmd(study_file, out, workers, executor, dry_run, quiet):
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a base config key for every "
+              "variant (e.g. threads=1); a variant's own value for the key wins")
+def ablate_cmd(study_file, out, workers, executor, dry_run, quiet, sets):
     """Run an ablation study (a YAML file of variants over one base config); write study.json, study.md and
     pareto.png. Rerunning resumes: finished variants are read back, stages shared between variants run once."""
     from thinkpress.core.ablate import dry_run as do_dry_run
-    from thinkpress.core.ablate import load_study, run_study
+    from thinkpress.core.ablate import load_study, run_study, with_overrides
 
     try:
-        study = load_study(study_file)
+        study = with_overrides(load_study(study_file), sets)
         out_dir = Path(out) if out else Path("studies") / "out" / study.name
         if dry_run:
             do_dry_run(study, Path(study_file), out_dir, echo=click.echo)
