@@ -336,7 +336,7 @@ def dry_run(study: Study, study_file: Path, out: Path, echo=print) -> list[dict[
 
 METRICS = ("accuracy", "accuracy_ci", "mean_tokens", "mean_tokens_ci", "tokens_saved", "tokens_saved_ci",
            "accuracy_delta", "accuracy_delta_ci", "lost", "gained", "flip_p", "truncation_rate", "peak_kv_bytes",
-           "kv_evicted", "n")
+           "kv_evicted", "kv_ratio", "token_agreement", "exact_match", "nll_full", "nll_pruned", "n")
 
 
 def _predictions(run_dir: Path, test_set: str, variant: str) -> list[dict] | None:
@@ -410,6 +410,8 @@ def summarize_study(study: Study, variants: list[tuple[str, dict]], cfgs: dict[s
     atomic_write_text(out / "study.md", study_markdown(summary))
     if rows:
         pareto_plot(summary, out / "pareto.png")
+    if _kv_rows(summary):
+        kv_plot(summary, out / "kv.png")
     return summary
 
 
@@ -481,9 +483,9 @@ def study_markdown(s: dict[str, Any]) -> str:
         kv = any(r["model"] != "base" and "+" in r["model"] for r in rows)
         md += ["| variant | model | accuracy % [95% CI] | mean tokens [95% CI] | saved vs base % | "
                "vs its reference: pt [95% CI], lost / gained (p) | "
-               + ("peak KV vs base | " if kv else "")
+               + ("peak KV vs base | NLL full -> pruned | token agreement | " if kv else "")
                + "vs control: accuracy pt [95% CI] | lost / gained vs control (p) |",
-               "|---|---|---|---|---|---|" + ("---|" if kv else "") + "---|---|"]
+               "|---|---|---|---|---|---|" + ("---|---|---|" if kv else "") + "---|---|"]
         for r in rows:
             acc = f"{_pct(r.get('accuracy'))}{_ci(r.get('accuracy_ci'))}"
             tok = f"{r.get('mean_tokens', 0):.0f}{_ci(r.get('mean_tokens_ci'), scale=1)}"
@@ -510,6 +512,10 @@ def study_markdown(s: dict[str, Any]) -> str:
                 frac = (r["peak_kv_bytes"] / base["peak_kv_bytes"] if base and base.get("peak_kv_bytes")
                         and r.get("peak_kv_bytes") else None)
                 kv_col = f"{_pct(frac)}% | " if frac is not None else "- | "
+                nll = (f"{r['nll_full']:.3f} -> {r['nll_pruned']:.3f}" if r.get("nll_pruned") is not None
+                       and r.get("nll_full") is not None else "-")
+                agree = f"{_pct(r['token_agreement'])}%" if r.get("token_agreement") is not None else "-"
+                kv_col += f"{nll} | {agree} | "
             md.append(f"| {r['variant']} | {r['model']} | {acc} | {tok} | {_pct(r.get('tokens_saved'))}"
                       f"{_ci(r.get('tokens_saved_ci'))} | {own} | {kv_col}{change} | {flips} |")
         md.append("")
@@ -525,7 +531,52 @@ def study_markdown(s: dict[str, Any]) -> str:
                       f"{m['tokens_change']:+.0f}{_ci(m['tokens_change_ci'], scale=1, signed=True)} |")
         md.append("")
     md += ["![accuracy vs. mean tokens](pareto.png)", ""]
+    if _kv_rows(s):
+        md += ["![accuracy and NLL vs. the KV cache kept](kv.png)", ""]
     return "\n".join(md)
+
+
+def _kv_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of KV-policy models (``base+<policy>@<param>=<value>``) that know their share of the full cache."""
+    return [r for r in s["rows"] if "+" in r["model"] and "@" in r["model"] and r.get("kv_ratio")]
+
+
+def kv_plot(s: dict[str, Any], path: Path) -> None:
+    """Per test set: accuracy (95% error bars) and the NLL of the full cache's outputs under the pruned cache,
+    against the peak KV cache kept (share of the full cache's), one line per policy through its budgets; the
+    full cache is the black square at 100%."""
+    from thinkpress.core.plots import figure
+
+    sets = sorted({r["test_set"] for r in _kv_rows(s)})
+    with figure(path, 2 * len(sets), panel=(6, 4.4)) as axes:
+        for i, ts in enumerate(sets):
+            acc_ax, nll_ax = axes[2 * i], axes[2 * i + 1]
+            by_policy: dict[str, list[dict]] = {}
+            for r in _kv_rows(s):
+                if r["test_set"] == ts:
+                    by_policy.setdefault(r["model"].split("+", 1)[1].split("@")[0], []).append(r)
+            for policy, rs in sorted(by_policy.items()):
+                rs = sorted(rs, key=lambda r: r["kv_ratio"])
+                xs = [100 * r["kv_ratio"] for r in rs]
+                ys = [100 * r["accuracy"] for r in rs]
+                cis = [r.get("accuracy_ci") or [r["accuracy"]] * 2 for r in rs]
+                line = acc_ax.errorbar(xs, ys, yerr=[[y - 100 * c[0] for y, c in zip(ys, cis, strict=True)],
+                                                     [100 * c[1] - y for y, c in zip(ys, cis, strict=True)]],
+                                       fmt="o-", capsize=3, alpha=0.8, label=policy)
+                nll = [(x, r["nll_pruned"]) for x, r in zip(xs, rs, strict=True) if r.get("nll_pruned") is not None]
+                if nll:
+                    nll_ax.plot(*zip(*nll, strict=True), "o-", color=line[0].get_color(), label=policy)
+            base = s["base_model"].get(ts)
+            if base:
+                acc_ax.plot(100, 100 * base["accuracy"], "ks", label="full cache")
+            full_nll = [r["nll_full"] for r in _kv_rows(s) if r["test_set"] == ts and r.get("nll_full") is not None]
+            if full_nll:
+                nll_ax.plot(100, full_nll[0], "ks", label="full cache")
+            for ax, ylabel in ((acc_ax, "accuracy (%)"), (nll_ax, "NLL of the full cache's outputs")):
+                ax.set_xlabel("peak KV cache kept (% of the full cache)")
+                ax.set_ylabel(ylabel)
+                ax.set_title(f"{s['study']}: {ts}")
+                ax.legend(fontsize=7)
 
 
 def pareto_plot(s: dict[str, Any], path: Path) -> None:
