@@ -117,6 +117,12 @@ def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     resumed = ablate.run_study(study, study_file, out, echo=lambda *_: None)
     assert resumed["ran"] == ["lr=0.001"] and calls() == ["train lr=0.0001", "train lr=0.001"]
     assert resumed["rows"] == s["rows"]
+    # a changed base config that no stage key holds (threads): every run directory is replaced, nothing recomputed
+    said: list[str] = []
+    rethreaded = ablate.run_study(ablate.with_overrides(study, ["threads=1"]), study_file, out, echo=said.append)
+    assert rethreaded["ran"] == ["lr=0.0001", "lr=0.001"] and calls() == ["train lr=0.0001", "train lr=0.001"]
+    assert sum("config changed" in line for line in said) == 2 and rethreaded["rows"] == s["rows"]
+    assert "threads: 1" in (out / "runs" / "lr=0.001" / "config.yaml").read_text()
 
 
 def _without_dirs(rows):

@@ -231,6 +231,19 @@ def finished_report(cfg: RunConfig) -> dict[str, Any] | None:
     return None
 
 
+def _clear_stale_run(name: str, cfg: RunConfig, echo) -> None:
+    """Remove a variant's run directory that holds another config (the study file or ``--set`` changed since):
+    the study owns it, and what its stages computed stays in the shared stage cache under content keys."""
+    import shutil
+
+    d = cfg.run_dir()
+    h = d / "config.hash"
+    if h.exists() and h.read_text().strip() != cfg.config_hash():
+        echo(f"[{name}] its config changed since the run in {d}: replacing that run directory (stages and "
+             "evaluations that did not change come from the shared cache)")
+        shutil.rmtree(d)
+
+
 def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, executor: str = "local",
               quiet: bool = True, echo=print) -> dict[str, Any]:
     """Run (or resume) every variant, then write study.json, study.md and pareto.png into ``out``."""
@@ -250,6 +263,7 @@ def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, ex
             echo(f"[{name}] finished earlier: {cfg.run_dir()}")
         else:
             todo.append(name)
+            _clear_stale_run(name, cfg, echo)
     t0 = time.perf_counter()
     if todo and executor == "ray":
         reports |= _run_ray(study, {n: dump_yaml(cfgs[n]) for n in todo}, echo)
