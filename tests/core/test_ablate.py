@@ -56,6 +56,16 @@ def test_expand_grid_zip_variants_and_seeds(tmp_path):
                                 ("off,seed=1", {"stages.refiners": [], "seed": 1})]
 
 
+@pytest.mark.parametrize("study_file", sorted((HERE.parents[1] / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_builds_a_valid_config_for_each_variant(study_file, tmp_path):
+    study = ablate.load_study(study_file)
+    variants = ablate.expand(study)
+    cfgs = {n: ablate.variant_config(study, study_file, tmp_path, n, sets) for n, sets in variants}
+    assert len(cfgs) == len(variants) >= 2 and (study.control is None or study.control in cfgs)
+    runs = {json.dumps(c.model_dump(mode="json", exclude={"out"}), sort_keys=True) for c in cfgs.values()}
+    assert len(runs) == len(cfgs)  # no two variants are the same run under two names
+
+
 def test_bad_study_files_name_the_key_path(tmp_path, doubles):
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({"name": "s", "axes": [{"key": "x", "values": []}]}))
