@@ -207,7 +207,8 @@ def test_smoke_study_runs_end_to_end_and_a_killed_study_resumes_to_the_same_resu
     models = {(row["variant"], row["model"]) for row in straight["rows"]}
     assert models == {(f"plugins={p}", f"base+{p}@budget={b}") for p in ("streaming", "h2o") for b in (16, 32)}
     assert all(0 < row["peak_kv_bytes"] for row in straight["rows"])
-    assert all(0 < row["kv_ratio"] < 1 and 0 <= row["token_agreement"] <= 1 for row in straight["rows"])
+    # NLL and token agreement are over the full cache's answers that ended with EOS (absent or None when none did)
+    assert all(0 < row["kv_ratio"] < 1 and "token_agreement" in row for row in straight["rows"])
     md = (tmp_path / "straight" / "study.md").read_text()
     assert "## arith" in md and "NLL full -> pruned" in md and "![accuracy and NLL vs. the KV cache kept](kv.png)" in md
     assert (tmp_path / "straight" / "kv.png").stat().st_size > 10_000

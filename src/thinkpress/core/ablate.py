@@ -586,11 +586,15 @@ def kv_plot(s: dict[str, Any], path: Path) -> None:
             full_nll = [r["nll_full"] for r in _kv_rows(s) if r["test_set"] == ts and r.get("nll_full") is not None]
             if full_nll:
                 nll_ax.plot(100, full_nll[0], "ks", label="full cache")
+            else:
+                nll_ax.text(0.5, 0.5, "no full-cache answer ended with EOS:\nno NLL to compare", ha="center",
+                            va="center", transform=nll_ax.transAxes)
             for ax, ylabel in ((acc_ax, "accuracy (%)"), (nll_ax, "NLL of the full cache's outputs")):
                 ax.set_xlabel("peak KV cache kept (% of the full cache)")
                 ax.set_ylabel(ylabel)
                 ax.set_title(f"{s['study']}: {ts}")
-                ax.legend(fontsize=7)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
 
 
 def pareto_plot(s: dict[str, Any], path: Path) -> None:
