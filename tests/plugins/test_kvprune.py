@@ -578,6 +578,25 @@ def test_rpc_compresses_each_period_by_the_head_averaged_window_attention(reg, f
     _expect(kept_sets(pol), [expected], flip)
 
 
+def test_kv_kept_counts_each_answers_entries_against_its_own_full_cache(tiny_llama, reg):
+    engine = HFEngine.from_pretrained(tiny_llama, dtype="float32", device="cpu")
+    prompts = [engine.chat_prompt(q) for q in QUESTIONS[:2]]
+    plen = [len(engine._encode(p)) for p in prompts]
+    assert min(plen) > 9 and plen[0] != plen[1]  # the shorter row is left-padded in the batch
+    params = GenParams(max_new_tokens=6, ignore_eos=True)
+    for o in engine.generate(prompts, params, batch_size=2):
+        assert (o[0].kv_kept_peak, o[0].kv_kept_mean) == (1.0, 1.0)
+    # streaming at budget 8, no buffer: the prompt is cut to 8 in begin, each step holds 9 before it prunes to 8;
+    # 6 tokens by length, so 5 were fed back and the full cache would end at prompt + 5 (the prefill's whole
+    # prompt is in peak_kv_bytes, not in the entries a policy keeps while decoding)
+    pol = policy(reg, "streaming", {"budgets": [8], "window": 1, "buffer": 0})
+    outs = engine.generate(prompts, params, batch_size=2, kv_policy=pol)
+    for p, o in zip(plen, outs, strict=True):
+        assert o[0].finish_reason == "length" and o[0].n_tokens == 6
+        assert o[0].kv_kept_peak == pytest.approx(9 / (p + 5))
+        assert o[0].kv_kept_mean == pytest.approx((8 + 5 * 9) / (p + sum(p + t for t in range(1, 6))))
+
+
 def test_peak_kv_includes_the_prefill_cache_a_policy_prunes_at_begin(tiny_llama, reg):
     engine = HFEngine.from_pretrained(tiny_llama, dtype="float32", device="cpu")
     prompts = [engine.chat_prompt(q) for q in QUESTIONS[:2]]

@@ -350,7 +350,7 @@ def dry_run(study: Study, study_file: Path, out: Path, echo=print) -> list[dict[
 
 METRICS = ("accuracy", "accuracy_ci", "mean_tokens", "mean_tokens_ci", "tokens_saved", "tokens_saved_ci",
            "accuracy_delta", "accuracy_delta_ci", "lost", "gained", "flip_p", "truncation_rate", "peak_kv_bytes",
-           "kv_evicted", "kv_ratio", "token_agreement", "exact_match", "nll_full", "nll_pruned", "n")
+           "kv_evicted", "kv_ratio", "kv_kept_mean", "token_agreement", "exact_match", "nll_full", "nll_pruned", "n")
 
 
 def _predictions(run_dir: Path, test_set: str, variant: str) -> list[dict] | None:
@@ -497,7 +497,7 @@ def study_markdown(s: dict[str, Any]) -> str:
         kv = any(r["model"] != "base" and "+" in r["model"] for r in rows)
         md += ["| variant | model | accuracy % [95% CI] | mean tokens [95% CI] | saved vs base % | "
                "vs its reference: pt [95% CI], lost / gained (p) | "
-               + ("peak KV vs base | NLL full -> pruned | token agreement | " if kv else "")
+               + ("KV kept % of full, peak / mean | NLL full -> pruned | token agreement | " if kv else "")
                + "vs control: accuracy pt [95% CI] | lost / gained vs control (p) |",
                "|---|---|---|---|---|---|" + ("---|---|---|" if kv else "") + "---|---|"]
         for r in rows:
@@ -523,9 +523,8 @@ def study_markdown(s: dict[str, Any]) -> str:
                        f"{r.get('lost')} / {r.get('gained')} ({r.get('flip_p', 1):.2g})")
             kv_col = ""
             if kv:
-                frac = (r["peak_kv_bytes"] / base["peak_kv_bytes"] if base and base.get("peak_kv_bytes")
-                        and r.get("peak_kv_bytes") else None)
-                kv_col = f"{_pct(frac)}% | " if frac is not None else "- | "
+                frac = r.get("kv_ratio")
+                kv_col = (f"{_pct(frac)} / {_pct(r.get('kv_kept_mean'))} | " if frac is not None else "- | ")
                 nll = (f"{r['nll_full']:.3f} -> {r['nll_pruned']:.3f}" if r.get("nll_pruned") is not None
                        and r.get("nll_full") is not None else "-")
                 agree = f"{_pct(r['token_agreement'])}%" if r.get("token_agreement") is not None else "-"

@@ -91,6 +91,10 @@ class Prediction(Record):
     token_ids: list[int] | None = Field(default=None, description="The generated token ids (for agreement metrics)")
     kv_evicted: float = Field(default=0.0, description="This answer's share of the cache entries its batch's KV "
                               "policy evicted")
+    kv_kept_peak: float | None = Field(default=None, description="Most cache entries it held at once while decoding "
+                                       "over its full cache's (prompt + output); None where the engine does not count")
+    kv_kept_mean: float | None = Field(default=None, description="Entries held over full-cache entries, summed over "
+                                       "its decode steps")
     threads: int | None = Field(default=None, description="torch threads its batch was decoded with (timings are "
                                 "compared only at equal counts; None: not recorded)")
 

@@ -17,6 +17,10 @@ def percentile(xs: list[float], q: float) -> float:
     return float(s[lo] + (s[hi] - s[lo]) * (k - lo))
 
 
+def _mean_or_none(xs: list[float | None]) -> float | None:
+    return mean(xs) if xs and all(x is not None for x in xs) else None
+
+
 def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: float,
               peak_kv_bytes: int | None) -> dict[str, Any]:
     """Metrics of one evaluation variant from its prediction records."""
@@ -38,6 +42,10 @@ def summarize(predictions: list[dict[str, Any]], *, wall_s: float, decode_s: flo
         "decode_tokens_per_s": gen / decode_s if decode_s > 0 else 0.0,
         "peak_kv_bytes": peak_kv_bytes,
         "kv_evicted": round(sum(p.get("kv_evicted", 0.0) for p in predictions)),
+        # the share of its own full cache an answer kept (at its widest, and step-averaged), averaged over
+        # answers; None when any answer was decoded by an engine that does not count
+        "kv_kept_peak": _mean_or_none([p.get("kv_kept_peak") for p in predictions]),
+        "kv_kept_mean": _mean_or_none([p.get("kv_kept_mean") for p in predictions]),
         # one count, or None when unrecorded or mixed (a resumed run on another machine): speeds compare only
         # between variants timed at the same count
         "threads": threads.pop() if len(threads := {p.get("threads") for p in predictions}) == 1 else None,

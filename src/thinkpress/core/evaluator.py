@@ -109,6 +109,7 @@ class Evaluator:
                                        decode_s=engine.stats.decode_s / len(chunk), wall_s=wall / len(chunk),
                                        peak_kv_bytes=engine.stats.peak_kv_bytes, token_ids=o[0].token_ids,
                                        kv_evicted=engine.stats.kv_evicted / len(chunk),
+                                       kv_kept_peak=o[0].kv_kept_peak, kv_kept_mean=o[0].kv_kept_mean,
                                        threads=torch.get_num_threads()))
             return recs
 

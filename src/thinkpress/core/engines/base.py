@@ -52,6 +52,12 @@ class Completion:
     token_ids: list[int]
     finish_reason: FinishReason
     logprobs: list[float] | None = None
+    kv_kept_peak: float | None = None
+    """Most cache entries this sequence held at once while decoding (from the cache a KV policy leaves after
+    the prefill), over its full cache at the end (prompt + fed tokens); 1.0 without a policy, None where
+    the engine does not count (vLLM)."""
+    kv_kept_mean: float | None = None
+    """Entries held, summed over its decode steps, over the full cache's entries summed the same way."""
 
     @property
     def n_tokens(self) -> int:

@@ -12,6 +12,13 @@ physically remove entries mid-generation. The loop
   not depend on which other problems share its batch);
 * drops finished rows from the batch (cache, mask, positions) so long stragglers do not make the
   whole batch pay;
+* counts, per sequence, the cache entries it holds while decoding (its mask row, from the cache the
+  policy leaves after the prefill) against those its full cache would hold (prompt + tokens fed so
+  far): ``kv_kept_peak`` (most held at once / the full cache at the end) and ``kv_kept_mean``
+  (step-averaged) on each completion. This is the share a policy keeps, the quantity KV-compression
+  papers budget; ``peak_kv_bytes`` is the physical cache tensor, which also holds the whole prompt
+  for the prefill, the batch's left padding and the holes a policy leaves in one row while another
+  row is longer;
 * stops a row at EOS (every id of the generation config), at a stop string (the text is cut before
   it), or at ``max_new_tokens`` (``finish_reason="length"``: truncated).
 
@@ -138,6 +145,11 @@ class HFEngine(ChatTokenizer, Engine):
         kept = int(mask.sum())
         mask = policy.begin(cache, mask, [len(e) for e in enc])
         evicted = kept - int(mask.sum())
+        # per original row, from the cache the policy left after the prefill: the most entries held at once while
+        # decoding, and the sums over steps of entries held and of those the full cache would hold
+        plen = [len(e) for e in enc]
+        held_max = mask.sum(-1).tolist()
+        held_sum, full_sum = list(held_max), list(plen)
         logits = out.logits[:, -1, :]
         next_pos = pos[:, -1] + 1
         t1 = time.perf_counter()
@@ -194,7 +206,12 @@ class HFEngine(ChatTokenizer, Engine):
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
-            kept = int(mask.sum())
+            held = mask.sum(-1).tolist()
+            for k, r in enumerate(active):  # counted before the policy prunes: the step's widest cache
+                held_max[r] = max(held_max[r], held[k])
+                held_sum[r] += held[k]
+                full_sum[r] += plen[r] + len(tokens[r])
+            kept = int(sum(held))
             mask = policy.after_step(cache, mask, step)
             evicted += kept - int(mask.sum())
             peak = max(peak, kv_cache_bytes(cache))
@@ -212,8 +229,12 @@ class HFEngine(ChatTokenizer, Engine):
                     text = text[:first]
             self.stats.new_tokens += len(tokens[r])
             self.stats.sequences += 1
+            # entries of its full cache at the end: the prompt and every token fed back (a token that ended the
+            # row by length or a stop string was appended but never fed; an EOS was neither)
+            full_max = plen[r] + len(tokens[r]) - (finish[r] in ("stop", "length", None))
             results.append(Completion(text=text, token_ids=tokens[r], finish_reason=finish[r] or "length",
-                                      logprobs=lps[r] if want_logprobs else None))
+                                      logprobs=lps[r] if want_logprobs else None,
+                                      kv_kept_peak=held_max[r] / full_max, kv_kept_mean=held_sum[r] / full_sum[r]))
         return results
 
     @staticmethod
