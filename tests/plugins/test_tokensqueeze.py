@@ -18,7 +18,14 @@ from thinkpress.core.errors import ConfigError, TrainingError
 from thinkpress.core.plugins import build_registry
 from thinkpress.core.runner import Runner
 from thinkpress.core.store import RunStore
-from thinkpress.plugins.tokensqueeze.dpo import DPOLConfig, DPOLTrainer, DPOTask, completion_logps, dpo_l_loss
+from thinkpress.plugins.tokensqueeze.dpo import (
+    REFERENCE_FILE,
+    DPOLConfig,
+    DPOLTrainer,
+    DPOTask,
+    completion_logps,
+    dpo_l_loss,
+)
 from thinkpress.plugins.tokensqueeze.refine import KLStepConfig, KLStepRefiner, split_steps, window_kl
 from thinkpress.plugins.tokensqueeze.select import ExtraPositives, FixedQuantile, QDyn, ShortestCorrect
 from thinkpress.toolkit.lora import collate, encode_example
@@ -201,6 +208,24 @@ def test_completion_logps_and_reference_equal_the_base_model(tiny_llama, tmp_pat
     anchored = DPOTask(pairs, tok, DPOLConfig(batch_size=2, reference="base"), continued=True)
     anchored.compute_reference(peft_model, Accelerator(cpu=True))
     torch.testing.assert_close(anchored.ref.flatten(), torch.tensor(want), atol=1e-4, rtol=1e-5)
+
+
+def test_variants_on_the_same_pairs_share_one_reference_computation(tmp_path, tiny_llama, monkeypatch):
+    """The reference depends on the pairs and the base model, not on lr or lambda: a second variant reads it."""
+    pairs = [PreferencePair(id=str(i), problem_id=str(i), prompt=f"Q: {i}+1?\nA:", chosen=f" {i + 1}.",
+                            rejected=f" Adding one to {i} gives {i + 1}, so {i + 1}.") for i in range(4)]
+    calls = []
+    real = DPOTask.compute_reference
+    monkeypatch.setattr(DPOTask, "compute_reference", lambda self, m, a: calls.append(len(self)) or real(self, m, a))
+    refs = []
+    for i, (lr, lam, ps) in enumerate([(1e-3, 1.0, pairs), (1e-4, 0.0, pairs), (1e-3, 1.0, pairs[:3])]):
+        ctx = _ctx(tmp_path, tiny_llama, "trainer")
+        ctx.workdir = tmp_path / f"work{i}"
+        cfg = DPOLConfig(lr=lr, length_lambda=lam, epochs=1, batch_size=2, grad_accum=1, autocast_bf16=False)
+        DPOLTrainer(cfg).train(TrainingSet(pairs=ps), ctx)
+        refs.append(torch.load(ctx.workdir / REFERENCE_FILE))
+    assert calls == [4, 3]  # the second variant read the first one's; other pairs are another key
+    assert torch.equal(refs[0], refs[1]) and torch.equal(refs[0][:3], refs[2])  # fp32: the same numbers anyway
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 128])
