@@ -32,6 +32,7 @@ from thinkpress.core.errors import (
 )
 from thinkpress.core.files import atomic_dir, atomic_file, atomic_write_json, atomic_write_text
 from thinkpress.core.grading import extract_answer, grade, is_equivalent
+from thinkpress.core.models import model_identity
 from thinkpress.core.plots import figure
 from thinkpress.core.report import flips, fmt, fmt_num_ci, fmt_pct_ci
 from thinkpress.core.results import RunResult, TestSetResult, VariantResult
@@ -78,4 +79,5 @@ __all__ = [
     # reports, files, seeds
     "fmt", "fmt_pct_ci", "fmt_num_ci", "flips", "figure",
     "atomic_file", "atomic_write_text", "atomic_write_json", "atomic_dir", "stable_hash", "derive_seed",
+    "model_identity",
 ]

@@ -43,9 +43,9 @@ from thinkpress.api import (
     TrainingSet,
     TrainResult,
     atomic_file,
+    model_identity,
     stable_hash,
 )
-from thinkpress.core.models import model_identity
 from thinkpress.toolkit.lora import (
     SFTConfig,
     check_truncation,
