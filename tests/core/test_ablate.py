@@ -135,6 +135,23 @@ def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     assert "threads: 1" in (out / "runs" / "lr=0.001" / "config.yaml").read_text()
 
 
+def test_only_runs_the_named_variants_and_the_control_and_a_later_part_completes_the_study(tmp_path, doubles):
+    study_file = _study(tmp_path, variants=[{"name": "lr-big", "set": {"components.salt-trainer.lr": 1e-2}}])
+    study, out = ablate.load_study(study_file), tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"no variant named 'nope' \(variants: lr=0.0001, lr=0.001, lr-big\)"):
+        ablate.run_study(study, study_file, out, only=["nope"], echo=lambda *_: None)
+    assert calls() == []  # refused before any work
+    part = ablate.run_study(study, study_file, out, only=["lr-big"], echo=lambda *_: None)
+    assert part["ran"] == ["lr=0.0001", "lr-big"] and part["not_run"] == ["lr=0.001"]  # the control comes along
+    assert calls() == ["train lr=0.0001", "train lr=0.01"]
+    assert {r["variant"] for r in part["rows"]} == {"lr=0.0001", "lr-big"}
+    assert "Not run yet (`--only`), so not in the tables: `lr=0.001`." in (out / "study.md").read_text()
+    rest = ablate.run_study(study, study_file, out, only=["lr=0.001"], echo=lambda *_: None)
+    assert rest["ran"] == ["lr=0.001"] and rest["not_run"] == [] and calls()[2:] == ["train lr=0.001"]
+    whole = ablate.run_study(study, tmp_path / "study.yaml", tmp_path / "whole", echo=lambda *_: None)
+    assert _without_dirs(rest["rows"]) == _without_dirs(whole["rows"])  # the parts summarize as the whole
+
+
 def _without_dirs(rows):
     return [{k: v for k, v in r.items() if k != "run_dir"} for r in rows]
 

@@ -245,22 +245,37 @@ def _clear_stale_run(name: str, cfg: RunConfig, echo) -> None:
 
 
 def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, executor: str = "local",
-              quiet: bool = True, echo=print) -> dict[str, Any]:
-    """Run (or resume) every variant, then write study.json, study.md and pareto.png into ``out``."""
+              quiet: bool = True, only: list[str] | None = None, echo=print) -> dict[str, Any]:
+    """Run (or resume) every variant, then write study.json, study.md and pareto.png into ``out``.
+
+    ``only``: run just these variants and the control (the comparisons need it); the others that finished
+    earlier are read back and summarized as well, the rest are listed as not run (``not_run``). This splits a
+    study that outgrows one sitting into parts; the last part's summary is the whole study's.
+    """
     from thinkpress.core.config import dump_yaml
 
     out.mkdir(parents=True, exist_ok=True)
     variants = expand(study)
     reg = study_registry(study.plugin_modules)
     cfgs = {name: variant_config(study, study_file, out, name, sets, reg) for name, sets in variants}  # checked first
+    selected = None
+    if only:
+        unknown = [n for n in only if n not in cfgs]
+        if unknown:
+            raise ConfigError(f"--only: no variant named {', '.join(map(repr, unknown))} "
+                              f"(variants: {', '.join(cfgs)})")
+        selected = set(only) | {study.control or variants[0][0]}
     atomic_write_text(out / "study.yaml", yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
     reports: dict[str, dict[str, Any]] = {}
-    todo = []
+    todo, not_run = [], []
     for name, cfg in cfgs.items():
         rep = finished_report(cfg)
         if rep is not None:
             reports[name] = rep
             echo(f"[{name}] finished earlier: {cfg.run_dir()}")
+        elif selected is not None and name not in selected:
+            not_run.append(name)
+            echo(f"[{name}] not run (--only)")
         else:
             todo.append(name)
             _clear_stale_run(name, cfg, echo)
@@ -280,7 +295,8 @@ def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, ex
         for n in todo:
             echo(f"[{n}] running: {cfgs[n].run_dir()}")
             reports[n] = run_variant(dump_yaml(cfgs[n]), quiet, study.plugin_modules)
-    summary = summarize_study(study, variants, cfgs, reports, out)
+    summary = summarize_study(study, [(n, sets) for n, sets in variants if n in reports], cfgs, reports, out,
+                              not_run=not_run)
     summary["wall_s"] = time.perf_counter() - t0
     summary["ran"] = todo
     atomic_write_json(out / "study.json", summary)
@@ -382,8 +398,8 @@ def paired_change(ref: list[dict], other: list[dict], seed: int = 0) -> dict[str
 
 
 def summarize_study(study: Study, variants: list[tuple[str, dict]], cfgs: dict[str, RunConfig],
-                    reports: dict[str, dict], out: Path) -> dict[str, Any]:
-    """study.json's content; also writes study.md and pareto.png."""
+                    reports: dict[str, dict], out: Path, not_run: list[str] | None = None) -> dict[str, Any]:
+    """study.json's content; also writes study.md and pareto.png. ``not_run``: variants left out (``--only``)."""
     control = study.control or variants[0][0]
     if control not in cfgs:
         raise ConfigError(f"control: no variant named {control!r} (variants: {', '.join(cfgs)})")
@@ -420,7 +436,7 @@ def summarize_study(study: Study, variants: list[tuple[str, dict]], cfgs: dict[s
                "compare": study.compare, "variants": [{"name": n, "overrides": s, "run_dir": str(cfgs[n].run_dir())}
                                                       for n, s in variants],
                "base_model": bases, "rows": rows, "marginal_effects": marginal,
-               "stage_runs": {"total": total, "from_cache": cached}}
+               "stage_runs": {"total": total, "from_cache": cached}, "not_run": list(not_run or [])}
     atomic_write_text(out / "study.md", study_markdown(summary))
     if rows:
         pareto_plot(summary, out / "pareto.png")
@@ -485,6 +501,8 @@ def study_markdown(s: dict[str, Any]) -> str:
     st = s["stage_runs"]
     md += [f"{len(s['variants'])} variants; control `{s['control']}`; {st['total']} training stage runs, "
            f"{st['from_cache']} of them reused from the shared stage cache.", ""]
+    if s.get("not_run"):
+        md += [f"Not run yet (`--only`), so not in the tables: {', '.join(f'`{n}`' for n in s['not_run'])}.", ""]
     for ts in sorted({r["test_set"] for r in s["rows"]}):
         rows = sorted((r for r in s["rows"] if r["test_set"] == ts), key=lambda r: -r.get("accuracy", 0))
         base = s["base_model"].get(ts)

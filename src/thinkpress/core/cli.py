@@ -229,7 +229,9 @@ def config_show(preset, config_file, sets):
 @click.option("--quiet", "-q", is_flag=True, help="No progress output from the runs")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a base config key for every "
               "variant (e.g. threads=1); a variant's own value for the key wins")
-def ablate_cmd(study_file, out, workers, executor, dry_run, quiet, sets):
+@click.option("--only", "only", multiple=True, metavar="NAME[,NAME]", help="Run only these variants (and the "
+              "control); variants that finished earlier are still summarized, the others are listed as not run")
+def ablate_cmd(study_file, out, workers, executor, dry_run, quiet, sets, only):
     """Run an ablation study (a YAML file of variants over one base config); write study.json, study.md and
     pareto.png. Rerunning resumes: finished variants are read back, stages shared between variants run once."""
     from thinkpress.core.ablate import dry_run as do_dry_run
@@ -241,13 +243,16 @@ def ablate_cmd(study_file, out, workers, executor, dry_run, quiet, sets):
         if dry_run:
             do_dry_run(study, Path(study_file), out_dir, echo=click.echo)
             return
+        names = [n.strip() for o in only for n in o.split(",") if n.strip()]
         summary = run_study(study, Path(study_file), out_dir, workers=workers, executor=executor, quiet=quiet,
-                            echo=click.echo)
+                            only=names or None, echo=click.echo)
     except ThinkpressError as e:
         _fail(e)
     st = summary["stage_runs"]
     click.echo(f"{len(summary['variants'])} variants ({len(summary['ran'])} run now); {st['total']} training "
                f"stage runs, {st['from_cache']} from the shared cache")
+    if summary["not_run"]:
+        click.echo(f"not run (--only): {', '.join(summary['not_run'])}")
     click.echo(f"study: {out_dir / 'study.md'}")
 
 
