@@ -148,7 +148,7 @@ def test_only_runs_the_named_variants_and_the_control_and_a_later_part_completes
     assert "Not run yet (`--only`), so not in the tables: `lr=0.001`." in (out / "study.md").read_text()
     rest = ablate.run_study(study, study_file, out, only=["lr=0.001"], echo=lambda *_: None)
     assert rest["ran"] == ["lr=0.001"] and rest["not_run"] == [] and calls()[2:] == ["train lr=0.001"]
-    whole = ablate.run_study(study, tmp_path / "study.yaml", tmp_path / "whole", echo=lambda *_: None)
+    whole = ablate.run_study(study, study_file, tmp_path / "whole", echo=lambda *_: None)
     assert _without_dirs(rest["rows"]) == _without_dirs(whole["rows"])  # the parts summarize as the whole
 
 
