@@ -107,6 +107,9 @@ def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     s = ablate.run_study(study, study_file, out, echo=lambda *_: None)
     assert calls() == ["train lr=0.0001", "train lr=0.001"]
     assert s["stage_runs"] == {"total": 6, "from_cache": 2}  # variant 2 reused the sampler and the selector
+    # each variant evaluates base and trained: the base model's evaluation is one, shared
+    assert s["evaluations"] == {"total": 4, "distinct": 3, "unkeyed": 0}
+    assert "4 evaluations, 3 distinct (1 shared through the evaluation cache)" in (out / "study.md").read_text()
     rows = {(r["variant"], r["test_set"]): r for r in s["rows"]}
     assert set(rows) == {("lr=0.0001", "arith"), ("lr=0.001", "arith")}
     r = rows[("lr=0.001", "arith")]
@@ -122,6 +125,15 @@ def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     # rerun: nothing recomputed, same rows
     again = ablate.run_study(study, study_file, out, echo=lambda *_: None)
     assert calls() == ["train lr=0.0001", "train lr=0.001"] and again["ran"] == [] and again["rows"] == s["rows"]
+    # a report written before evaluations carried their keys: the base model's key comes from the config
+    rep_file = out / "runs" / "lr=0.0001" / "report.json"
+    rep = json.loads(rep_file.read_text())
+    for ts in rep["test_sets"]:
+        for v in ts["variants"]:
+            del v["eval_key"]
+    rep_file.write_text(json.dumps(rep))
+    old = ablate.run_study(study, study_file, out, echo=lambda *_: None)
+    assert old["ran"] == [] and old["evaluations"] == {"total": 4, "distinct": 3, "unkeyed": 1}
     # a variant killed before it finished (no report): only it runs again, from the cache, same numbers
     (out / "runs" / "lr=0.001" / "report.json").unlink()
     resumed = ablate.run_study(study, study_file, out, echo=lambda *_: None)

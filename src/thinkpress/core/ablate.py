@@ -295,12 +295,24 @@ def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, ex
         for n in todo:
             echo(f"[{n}] running: {cfgs[n].run_dir()}")
             reports[n] = run_variant(dump_yaml(cfgs[n]), quiet, study.plugin_modules)
+    _fill_eval_keys(reports, cfgs, reg)
     summary = summarize_study(study, [(n, sets) for n, sets in variants if n in reports], cfgs, reports, out,
                               not_run=not_run)
     summary["wall_s"] = time.perf_counter() - t0
     summary["ran"] = todo
     atomic_write_json(out / "study.json", summary)
     return summary
+
+
+def _fill_eval_keys(reports: dict[str, dict[str, Any]], cfgs: dict[str, RunConfig], reg) -> None:
+    """Reports written before evaluation rows carried their cache key: fill in the keys of the evaluations that
+    need no trained adapter (base, KV policies) from the config, as ``--dry-run`` computes them (in memory)."""
+    for name, rep in reports.items():
+        rows = [(ts["name"], v) for ts in rep["test_sets"] for v in ts["variants"] if not v.get("eval_key")]
+        if rows:
+            keys = stage_keys(cfgs[name], reg)
+            for ts_name, v in rows:
+                v["eval_key"] = keys.get(f"eval {v['name']} on {ts_name}")
 
 
 def _run_ray(study: Study, cfg_yamls: dict[str, str], echo) -> dict[str, dict[str, Any]]:
@@ -432,17 +444,29 @@ def summarize_study(study: Study, variants: list[tuple[str, dict]], cfgs: dict[s
         if r["variant"] != control and ref is not None and mine is not None:
             r["vs_control"] = paired_change(ref, mine)
     marginal = marginal_effects(study, variants, rows, cfgs)
+    evaluations = evaluation_sharing(reports[n] for n, _ in variants)
     summary = {"study": study.name, "description": study.description, "control": control,
                "compare": study.compare, "variants": [{"name": n, "overrides": s, "run_dir": str(cfgs[n].run_dir())}
                                                       for n, s in variants],
                "base_model": bases, "rows": rows, "marginal_effects": marginal,
-               "stage_runs": {"total": total, "from_cache": cached}, "not_run": list(not_run or [])}
+               "stage_runs": {"total": total, "from_cache": cached}, "evaluations": evaluations,
+               "not_run": list(not_run or [])}
     atomic_write_text(out / "study.md", study_markdown(summary))
     if rows:
         pareto_plot(summary, out / "pareto.png")
     if _kv_rows(summary):
         kv_plot(summary, out / "kv.png")
     return summary
+
+
+def evaluation_sharing(reports) -> dict[str, int]:
+    """How many evaluations the variants' reports hold and how many distinct ones (by evaluation cache key):
+    the difference ran once and was shared (e.g. the base model's, in every variant). An evaluation recorded
+    without its key (reports written before keys were recorded) counts as distinct and as ``unkeyed``."""
+    keys = [v.get("eval_key") for rep in reports for ts in rep["test_sets"] for v in ts["variants"]]
+    known = [k for k in keys if k]
+    unkeyed = len(keys) - len(known)
+    return {"total": len(keys), "distinct": len(set(known)) + unkeyed, "unkeyed": unkeyed}
 
 
 def marginal_effects(study: Study, variants: list[tuple[str, dict]], rows: list[dict],
@@ -499,8 +523,14 @@ def study_markdown(s: dict[str, Any]) -> str:
     if s["description"]:
         md += [s["description"], ""]
     st = s["stage_runs"]
-    md += [f"{len(s['variants'])} variants; control `{s['control']}`; {st['total']} training stage runs, "
-           f"{st['from_cache']} of them reused from the shared stage cache.", ""]
+    line = (f"{len(s['variants'])} variants; control `{s['control']}`; {st['total']} training stage runs, "
+            f"{st['from_cache']} of them reused from the shared stage cache")
+    ev = s.get("evaluations")
+    if ev:
+        line += (f"; {ev['total']} evaluations, {ev['distinct']} distinct ({ev['total'] - ev['distinct']} shared "
+                 f"through the evaluation cache" + (f"; {ev['unkeyed']} recorded without a key, counted as distinct"
+                                                     if ev["unkeyed"] else "") + ")")
+    md += [line + ".", ""]
     if s.get("not_run"):
         md += [f"Not run yet (`--only`), so not in the tables: {', '.join(f'`{n}`' for n in s['not_run'])}.", ""]
     for ts in sorted({r["test_set"] for r in s["rows"]}):

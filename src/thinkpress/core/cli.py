@@ -248,9 +248,10 @@ def ablate_cmd(study_file, out, workers, executor, dry_run, quiet, sets, only):
                             only=names or None, echo=click.echo)
     except ThinkpressError as e:
         _fail(e)
-    st = summary["stage_runs"]
+    st, ev = summary["stage_runs"], summary["evaluations"]
     click.echo(f"{len(summary['variants'])} variants ({len(summary['ran'])} run now); {st['total']} training "
-               f"stage runs, {st['from_cache']} from the shared cache")
+               f"stage runs, {st['from_cache']} from the shared cache; {ev['total']} evaluations, "
+               f"{ev['total'] - ev['distinct']} shared")
     if summary["not_run"]:
         click.echo(f"not run (--only): {', '.join(summary['not_run'])}")
     click.echo(f"study: {out_dir / 'study.md'}")

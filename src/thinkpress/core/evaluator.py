@@ -120,7 +120,8 @@ class Evaluator:
         write_jsonl(out_dir / "predictions.jsonl", recs)
         metrics = summarize(recs, wall_s=sum(r["wall_s"] for r in recs), decode_s=sum(r["decode_s"] for r in recs),
                             peak_kv_bytes=max((r["peak_kv_bytes"] for r in recs), default=None))
-        row = {"name": v.name, "params": v.params, "test_set": ts.name, "reference": v.reference or "base", **metrics}
+        row = {"name": v.name, "params": v.params, "test_set": ts.name, "reference": v.reference or "base",
+               "eval_key": key, **metrics}
         self.eval_keys[(ts.name, v.name)] = key
         ref = v.reference or "base"
         ref_recs = self.predictions(ts, ref) if ref != v.name else None
