@@ -95,7 +95,8 @@ def test_plan_prints_each_stage_with_its_plugin_and_config_and_runs_nothing(tmp_
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     steps = [(s["stage"], s["component"], s["plugin"]) for s in plan["steps"]]
-    assert steps == [("sampler", "self-sampler", "tokensqueeze"), ("selector", "q-dyn", "tokensqueeze"),
+    # the default preset's selector for tokensqueeze is fixed-quantile (chosen on GSM8K validation)
+    assert steps == [("sampler", "self-sampler", "tokensqueeze"), ("selector", "fixed-quantile", "tokensqueeze"),
                      ("refiner", "kl-step", "tokensqueeze"), ("trainer", "dpo-l", "tokensqueeze"),
                      ("kv pruner", "rkv", "rkv")]
     assert plan["steps"][2]["config"]["epsilon"] == 0.01 and plan["steps"][4]["config"]["budgets"] == [64, 128]

@@ -118,6 +118,13 @@ def test_presets_come_from_the_plugins_that_own_the_components():
     assert cfg.plugins == ["baseline"] and cfg.fallback.trainer == "lora-sft"  # baseline's settings
     assert cfg.components["dpo-l"]["lr"] == 5e-4  # tokensqueeze's
     assert "tokenskip-sft" not in cfg.components  # tokenskip's apply only when it is selected
+    assert cfg.train_data.name == "arith" and cfg.stages.selector is None  # tokensqueeze's main-job data: below
+    squeeze = build_config(overrides={"plugins": ["tokensqueeze"]})  # the main job: real problems, chosen selector
+    assert (squeeze.train_data.name, squeeze.train_data.split, squeeze.train_data.limit) == ("gsm8k", "train", 12)
+    assert squeeze.stages.selector == "fixed-quantile" and squeeze.components["self-sampler"]["n"] == 32
+    assert [d.name for d in squeeze.test_data] == ["gsm8k", "arith"] and squeeze.test_data[0].split == "test"
+    assert build_config(overrides={"plugins": ["tokensqueeze"]}, sets=["stages.selector=q-dyn"]).stages.selector \
+        == "q-dyn"
     skip = build_config(overrides={"plugins": ["tokenskip"]})
     assert skip.components["tokenskip-sft"]["epochs"] == 3 and skip.train_data.limit == 96
     bundle = build_config(overrides={"plugins": ["kvprune"]})  # a bundle brings its members' settings
@@ -153,3 +160,23 @@ def test_kv_policies_evaluate_on_smaller_test_sets_than_the_main_job():
     assert [(d.name, d.limit) for d in main_job.test_data] == [("gsm8k", 300), ("arith", 48)]
     assert [(d.name, d.limit) for d in kv.test_data] == [("gsm8k", 48), ("arith", 48)]
     assert kv.components["rkv"]["budgets"] == [64, 128]
+
+
+def test_the_paper_scale_config_file_is_valid_before_any_work(tmp_path):
+    """configs/tokensqueeze-paper.yaml (for GPUs; never run here): every key and component setting is valid,
+    and planning gets as far as the model (a Hub id, absent offline) with its data loaded."""
+    from pathlib import Path
+
+    paper = Path(__file__).resolve().parents[2] / "configs/tokensqueeze-paper.yaml"
+    (tmp_path / "test.jsonl").write_text('{"problem": "1+1?", "answer": "2", "unique_id": "m/1", "level": 1}\n')
+    cfg = build_config(config_file=paper, overrides={"plugins": ["tokensqueeze"]},
+                       sets=[f"out={tmp_path / 'run'}", f"test_data.0.path={tmp_path}"])
+    assert cfg.model == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" and cfg.stages.selector == "q-dyn"
+    assert cfg.components["kl-step"]["n_candidates"] == 64 and cfg.components["q-dyn"]["max_pairs"] == 64
+    assert cfg.train_data.limit == 2000 and [d.name for d in cfg.test_data] == ["math500", "gsm8k"]
+    try:
+        runner = Runner(cfg)
+    except ConfigError as e:  # the vLLM engine check on a machine without vLLM; the component keys passed before
+        assert "vLLM" in str(e)
+        return
+    assert len(runner.train_problems) == 2000 and [len(t.problems) for t in runner.test_sets] == [1, 500]
