@@ -70,8 +70,8 @@ def register_presets(register):
     # problems, and chosen on the validation split carved from GSM8K train, never on test. It is the
     # fixed-quantile variant of studies/tokensqueeze-ablation.yaml, the one variant there that kept the base
     # model's accuracy (34.0% vs. 31.0% at 11.3% fewer tokens; q-dyn, the paper's selector: 25.0% at 21.9%
-    # fewer; shortest-correct: 18.0% at 29.6% fewer). 12 problems x 32 samples is what the 30-minute budget
-    # allows on 2 cores with vLLM (sampling ~60 s per problem), and N = 32 lets k exceed 1.
+    # fewer; shortest-correct: 18.0% at 29.6% fewer). 12 problems x 32 samples keeps sampling to ~11 min on
+    # 2 cores with vLLM (the whole job: 41-42 min), and N = 32 lets k exceed 1.
     register("default", {"components": {
         "self-sampler": {"n": 32, "max_new_tokens": 400, "batch_size": 128},
         "fixed-quantile": {"max_pairs": 2, "quantile": 0.2},
