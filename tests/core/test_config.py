@@ -163,8 +163,8 @@ def test_kv_policies_evaluate_on_smaller_test_sets_than_the_main_job():
 
 
 def test_the_paper_scale_config_file_is_valid_before_any_work(tmp_path):
-    """configs/tokensqueeze-paper.yaml (for GPUs; never run here): every key and component setting is valid,
-    and planning gets as far as the model (a Hub id, absent offline) with its data loaded."""
+    """configs/tokensqueeze-paper.yaml (for GPUs; never run here): every key and component setting is valid and
+    the runner accepts it with its data loaded (the model, a Hub id, is fetched only when a stage loads it)."""
     from pathlib import Path
 
     paper = Path(__file__).resolve().parents[2] / "configs/tokensqueeze-paper.yaml"
