@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from thinkpress.core.ablate import _ci as ci
 from thinkpress.core.ablate import pareto_plot
 
 
@@ -37,19 +38,15 @@ def merged(paths: list[Path], test_set: str | None, rename: dict[str, str] | Non
 
 
 def table(s: dict) -> str:
-    def ci(c, signed=False):
-        f = "{:+.1f}" if signed else "{:.1f}"
-        return f"[{f.format(100 * c[0])}, {f.format(100 * c[1])}]" if c else ""
-
     (ts, base), = s["base_model"].items()
-    out = [f"Test set {ts}: base model {100 * base['accuracy']:.1f}% {ci(base.get('accuracy_ci'))}, "
+    out = [f"Test set {ts}: base model {100 * base['accuracy']:.1f}%{ci(base.get('accuracy_ci'))}, "
            f"{base['mean_tokens']:.0f} tokens.", "",
            "| variant | accuracy [95% CI] | mean tokens | saved vs base [95% CI] | vs base, pt [95% CI] | "
            "lost / gained (p) |", "|---|---|---|---|---|---|"]
     for r in sorted(s["rows"], key=lambda r: r["mean_tokens"]):
-        out.append(f"| {r['variant']} | {100 * r['accuracy']:.1f}% {ci(r.get('accuracy_ci'))} | "
-                   f"{r['mean_tokens']:.0f} | {100 * r['tokens_saved']:.1f}% {ci(r.get('tokens_saved_ci'))} | "
-                   f"{100 * r['accuracy_delta']:+.1f} {ci(r.get('accuracy_delta_ci'), True)} | "
+        out.append(f"| {r['variant']} | {100 * r['accuracy']:.1f}%{ci(r.get('accuracy_ci'))} | "
+                   f"{r['mean_tokens']:.0f} | {100 * r['tokens_saved']:.1f}%{ci(r.get('tokens_saved_ci'))} | "
+                   f"{100 * r['accuracy_delta']:+.1f}{ci(r.get('accuracy_delta_ci'), signed=True)} | "
                    f"{r['lost']} / {r['gained']} ({r['flip_p']:.2g}) |")
     return "\n".join(out)
 
