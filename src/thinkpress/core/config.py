@@ -160,6 +160,9 @@ class RunConfig(Strict):
                                 "recorded in the manifest; results are reproducible for a fixed thread count)")
     out: str | None = Field(default=None, description="Run directory (default: runs/<name>)")
     cache_dir: str | None = Field(default=None, description="Stage cache shared by runs (default: <out>/../.cache)")
+    sample_cache: bool = Field(default=True, description="Reuse earlier runs' completions of the same sampling "
+                               "request per problem (model, adapter, engine, dtype, prompt, settings, seed), kept "
+                               "in <cache_dir>/samples; false: decode every problem of a new sampler stage")
 
     @model_validator(mode="after")
     def _resolve_dtype(self) -> RunConfig:
@@ -187,7 +190,7 @@ class RunConfig(Strict):
 
     def config_hash(self) -> str:
         """Hash of everything that affects results (not where they are written)."""
-        d = self.model_dump(mode="json", exclude={"out", "cache_dir", "name"})
+        d = self.model_dump(mode="json", exclude={"out", "cache_dir", "name", "sample_cache"})
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> Path:

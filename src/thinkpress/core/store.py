@@ -15,7 +15,8 @@ runs share upstream stages computes them once; a killed run finds its finished s
 Long stages (sampling, evaluation) append finished chunks of problems to ``journal.jsonl`` in the
 stage's cache directory: one JSON line per chunk, flushed and fsync'd, so a rerun resumes after the
 last completed chunk without duplicating or losing samples (a torn last line is ignored).
-All other writes are atomic (temp file + rename).
+All other writes are atomic (temp file + rename). Samplers also keep each problem's completions in
+``<cache_dir>/samples/`` (:class:`SampleCache`), so a run over more problems decodes only the new ones.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from thinkpress.core.errors import RunStoreError
-from thinkpress.core.files import atomic_dir, atomic_write_text
+from thinkpress.core.files import atomic_dir, atomic_write_json, atomic_write_text
 
 
 def stable_hash(*parts: Any) -> str:
@@ -119,6 +120,44 @@ def resumable_map(
     return out, reused
 
 
+class SampleCache:
+    """Completions of earlier sampling requests, one file per problem request, shared by runs and methods.
+
+    The stage cache keys a whole stage: a sampler stage over 320 problems shares nothing with one over
+    the first 160 of them. This cache keys one problem's request: the model, the adapter, the engine,
+    the dtype, the exact prompt, the generation settings, the number of samples and the problem's
+    seed (left out for greedy requests, which do not use it). A later run that asks for the same
+    completions (a larger training set, another method's sampler with the same settings, another
+    seed of a greedy sampler) reads them instead of decoding again. Files live in
+    ``<cache_dir>/samples/<key[:2]>/<key>.json`` and are written atomically; readers ignore a file
+    that does not parse. Completions are stored ungraded: grading runs on every read.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(request: dict[str, Any]) -> str:
+        return stable_hash("sample-cache-v1", request)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> list[dict] | None:
+        """The stored completions for ``key`` (dicts: text, n_tokens, finish_reason, logprob), or None."""
+        try:
+            entry = json.loads(self.path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        comps = entry.get("completions") if isinstance(entry, dict) else None
+        return comps if isinstance(comps, list) else None
+
+    def put(self, key: str, request: dict[str, Any], completions: list[dict]) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"request": request, "completions": completions})
+
+
 class RunStore:
     """The run directory of one run plus the shared stage cache."""
 
@@ -152,6 +191,10 @@ class RunStore:
 
     def stage_cache(self, key: str) -> Path:
         return self.cache_dir / key
+
+    def sample_cache(self) -> SampleCache:
+        """Per-problem sampling requests, next to the stage cache (see :class:`SampleCache`)."""
+        return SampleCache(self.cache_dir / "samples")
 
     @contextlib.contextmanager
     def lock(self, key: str):

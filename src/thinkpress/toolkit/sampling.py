@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import Field
 
 from thinkpress.api import ComponentConfig, GenParams, Problem, Sample, Sampler, StageContext, derive_seed, grade
@@ -12,22 +14,53 @@ def problem_seed(seed: int, problem_id: str) -> int:
     return derive_seed(seed, problem_id)
 
 
+def _request(ctx: StageContext, prompt: str, params: GenParams, n: int, seed: int) -> dict:
+    """What a problem's completions depend on (the :class:`~thinkpress.core.store.SampleCache` key)."""
+    from thinkpress.core.models import model_identity
+
+    cfg = ctx.config
+    return {"model": model_identity(cfg.model), "adapter": ctx.adapter, "engine": ctx.engine_name or cfg.engine,
+            "dtype": cfg.dtype, "prompt": prompt, "params": dataclasses.asdict(params), "n": n,
+            "seed": None if params.greedy else seed, "logprobs": True}
+
+
 def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, params: GenParams, batch_size: int,
                     desc: str = "sampling") -> list[Sample]:
-    """Generate ``n`` graded samples per problem, resumable per chunk of problems."""
+    """Generate ``n`` graded samples per problem, resumable per chunk of problems.
+
+    With ``sample_cache`` on (the default), a problem whose request an earlier run already decoded
+    (same model, adapter, engine, prompt, settings and seed) is read from the shared sample cache;
+    only the others are decoded. ``stats["from_sample_cache"]`` counts the problems read.
+    """
     engine = ctx.engine
+    cache = ctx.run.store.sample_cache() if ctx.config.sample_cache else None
+    reused = 0
 
     def run_chunk(chunk: list[Problem]) -> list[Sample]:
+        nonlocal reused
         prompts = [engine.chat_prompt(p.question) for p in chunk]
-        outs = engine.generate(prompts, params, n=n, seeds=[problem_seed(ctx.seed, p.id) for p in chunk],
-                               batch_size=batch_size, logprobs=True)
+        seeds = [problem_seed(ctx.seed, p.id) for p in chunk]
+        requests = [_request(ctx, pr, params, n, sd) for pr, sd in zip(prompts, seeds, strict=True)]
+        keys = [cache.key(r) for r in requests] if cache else [None] * len(chunk)
+        found = [cache.get(k) if cache else None for k in keys]
+        found = [f if f is not None and len(f) == n else None for f in found]
+        todo = [i for i, f in enumerate(found) if f is None]
+        reused += len(chunk) - len(todo)
+        if todo:
+            outs = engine.generate([prompts[i] for i in todo], params, n=n, seeds=[seeds[i] for i in todo],
+                                   batch_size=batch_size, logprobs=True)
+            for i, comps in zip(todo, outs, strict=True):
+                found[i] = [{"text": c.text, "n_tokens": c.n_tokens, "finish_reason": c.finish_reason,
+                             "logprob": sum(c.logprobs) if c.logprobs else None} for c in comps]
+                if cache:
+                    cache.put(keys[i], requests[i], found[i])
         samples = []
-        for p, prompt, comps in zip(chunk, prompts, outs, strict=True):
+        for p, prompt, comps in zip(chunk, prompts, found, strict=True):
             for j, c in enumerate(comps):
-                pred, ok = grade(c.text, p.answer, truncated=c.finish_reason == "length")
-                samples.append(Sample(problem_id=p.id, index=j, prompt=prompt, completion=c.text, n_tokens=c.n_tokens,
-                                      finish_reason=c.finish_reason, pred=pred, correct=ok,
-                                      logprob=sum(c.logprobs) if c.logprobs else None))
+                pred, ok = grade(c["text"], p.answer, truncated=c["finish_reason"] == "length")
+                samples.append(Sample(problem_id=p.id, index=j, prompt=prompt, completion=c["text"],
+                                      n_tokens=c["n_tokens"], finish_reason=c["finish_reason"], pred=pred, correct=ok,
+                                      logprob=c["logprob"]))
         return samples
 
     chunk = max(1, engine.preferred_chunk(batch_size) // n)
@@ -37,6 +70,9 @@ def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, param
     ctx.stats.update(samples=len(samples), problems=len(problems), correct=sum(s.correct for s in samples),
                      truncated=sum(s.finish_reason == "length" for s in samples),
                      mean_tokens=sum(s.n_tokens for s in samples) / max(1, len(samples)))
+    if reused:
+        ctx.stats["from_sample_cache"] = reused
+        ctx.log(f"{reused} of {len(problems)} problems' completions read from the sample cache")
     return samples
 
 

@@ -1,0 +1,95 @@
+"""The per-problem sample cache: a run over more problems decodes only the new ones (fake engine)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+import thinkpress
+from thinkpress.core.config import build_config
+from thinkpress.core.context import UI, RunState, StageContext
+from thinkpress.core.data import Problem
+from thinkpress.core.engines.base import GenParams
+from thinkpress.core.engines.fake import FakeEngine
+from thinkpress.core.plugins import build_registry
+from thinkpress.core.store import RunStore
+from thinkpress.toolkit.sampling import sample_problems
+
+PROBLEMS = [Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i)) for i in range(12)]
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Prompts the fake engine decoded (generate is wrapped, not replaced)."""
+    seen: list[str] = []
+    real = FakeEngine.generate
+
+    def counting(self, prompts, params, **kw):
+        seen.extend(prompts)
+        return real(self, prompts, params, **kw)
+
+    monkeypatch.setattr(FakeEngine, "generate", counting)
+    return seen
+
+
+def _sample(tmp_path, name, problems, params, *sets, n=3, seed=0):
+    engines = thinkpress.hookimpl(lambda register: register("fake", FakeEngine.factory))
+    reg = build_registry(load_entry_points=False, extra_plugins={"fake": SimpleNamespace(register_engines=engines)})
+    cfg = build_config(preset="smoke", sets=["engine=fake", f"seed={seed}", *sets], registry=reg)
+    state = RunState(cfg, reg, RunStore(tmp_path / name, tmp_path / "cache"), UI(quiet=True))
+    ctx = StageContext(run=state, stage="sampler", component="test", workdir=tmp_path / name / "w", key=name)
+    samples = sample_problems(problems, ctx, n=n, params=params, batch_size=4)
+    return samples, ctx.stats
+
+
+SAMPLED = GenParams(max_new_tokens=12, temperature=0.8, top_p=0.95)
+
+
+def test_a_larger_run_decodes_only_the_problems_an_earlier_run_did_not(tmp_path, decoded):
+    first, st1 = _sample(tmp_path, "a", PROBLEMS[:5], SAMPLED)
+    assert len(decoded) == 5 and "from_sample_cache" not in st1
+    decoded.clear()
+    second, st2 = _sample(tmp_path, "b", PROBLEMS, SAMPLED)
+    assert st2["from_sample_cache"] == 5 and st2["samples"] == 36
+    old = [f"What is {i} + {i}?" for i in range(5)]
+    assert len(decoded) == 7 and not [p for p in decoded if any(q in p for q in old)]
+    assert [s.model_dump() for s in second[:15]] == [s.model_dump() for s in first]
+    # the cached problems' samples are the ones decoding them again gives (the fake engine is deterministic)
+    decoded.clear()
+    fresh, _ = _sample(tmp_path, "c", PROBLEMS, SAMPLED, "sample_cache=false")
+    assert len(decoded) == 12 and [s.model_dump() for s in fresh] == [s.model_dump() for s in second]
+
+
+def test_the_request_decides_reuse_settings_seed_and_model(tmp_path, decoded):
+    _sample(tmp_path, "a", PROBLEMS[:4], SAMPLED)
+    decoded.clear()
+    _, st = _sample(tmp_path, "b", PROBLEMS[:4], GenParams(max_new_tokens=12, temperature=0.5, top_p=0.95))
+    assert len(decoded) == 4 and "from_sample_cache" not in st  # other settings
+    decoded.clear()
+    _, st = _sample(tmp_path, "c", PROBLEMS[:4], SAMPLED, seed=1)
+    assert len(decoded) == 4 and "from_sample_cache" not in st  # another seed draws other samples
+    decoded.clear()
+    _, st = _sample(tmp_path, "d", PROBLEMS[:4], SAMPLED, n=2)
+    assert len(decoded) == 4  # fewer samples per problem is another request
+    decoded.clear()
+    _, st = _sample(tmp_path, "e", PROBLEMS[:4], SAMPLED, "system_prompt=Be brief.")
+    assert len(decoded) == 4  # another prompt
+    greedy = GenParams(max_new_tokens=12)
+    _sample(tmp_path, "f", PROBLEMS[:4], greedy, n=1)
+    decoded.clear()
+    _, st = _sample(tmp_path, "g", PROBLEMS[:4], greedy, n=1, seed=7)
+    assert decoded == [] and st["from_sample_cache"] == 4  # greedy answers do not depend on the seed
+
+
+def test_an_unreadable_cache_file_is_decoded_again(tmp_path, decoded):
+    first, _ = _sample(tmp_path, "a", PROBLEMS[:3], SAMPLED)
+    files = sorted((tmp_path / "cache" / "samples").glob("*/*.json"))
+    assert len(files) == 3
+    entry = json.loads(files[0].read_text())
+    assert entry["request"]["n"] == 3 and len(entry["completions"]) == 3
+    files[0].write_text('{"completions": [')  # torn
+    decoded.clear()
+    again, st = _sample(tmp_path, "b", PROBLEMS[:3], SAMPLED)
+    assert len(decoded) == 1 and st["from_sample_cache"] == 2
+    assert [s.model_dump() for s in again] == [s.model_dump() for s in first]
+    assert json.loads(files[0].read_text())["completions"]  # rewritten whole
