@@ -18,6 +18,7 @@ from statistics import mean
 
 from thinkpress.core.engines.hf import HFEngine
 from thinkpress.core.models import ensure_embedded
+from thinkpress.plugins.tokenskip.prune import tagged_prompt
 
 
 def main() -> None:
@@ -35,10 +36,11 @@ def main() -> None:
         engine = engine.with_adapter(str(next(stages.glob("*-trainer-tokenskip-sft")) / "adapter"))
     tags = examples[0]["meta"]["ratio_tags"]  # {"1": "", "0.9": "<tag>", ...}
     gammas = sorted(tags, key=float, reverse=True)
+    position = examples[0]["meta"].get("tag_position", "question")
     prompts, targets, owners = [], [], []
     for i, ex in enumerate(examples):
         for g in gammas:
-            prompts.append(engine.chat_prompt(ex["meta"]["question"], suffix=tags[g]))
+            prompts.append(tagged_prompt(engine, ex["meta"]["question"], tags[g], position))
             targets.append(ex["completion"])
             owners.append((i, g))
     nll = [-mean(lp) for lp in engine.score(prompts, targets, batch_size=6)]

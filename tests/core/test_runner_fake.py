@@ -123,3 +123,29 @@ def test_rounds_sample_with_the_previous_adapter_and_report_each_round(tmp_path)
     _, again = run("b")
     assert seen == [] and all(s["cached"] for s in again["stages"].values())
     assert again["variants"] == report["variants"]
+
+
+def test_a_variants_response_prefix_is_fed_after_the_generation_prompt_and_keys_its_evaluation(tmp_path, monkeypatch):
+    from thinkpress.core.evaluator import Evaluator
+    from thinkpress.core.stages import EvalVariant
+
+    prompts: list[str] = []
+    real = FakeEngine.generate
+
+    def recording(self, ps, params, **kw):
+        prompts.extend(ps)
+        return real(self, ps, params, **kw)
+
+    monkeypatch.setattr(FakeEngine, "generate", recording)
+    runner, _ = _run(tmp_path, "a")
+    ev: Evaluator = runner.evaluator
+    ts = runner.result.primary.test_set
+    plain, tagged = EvalVariant("plain"), EvalVariant("plain", response_prefix=" So we")
+    assert ev.eval_key(plain, ts) != ev.eval_key(tagged, ts)
+    prompts.clear()
+    with_prefix = ev.evaluate_variant(tagged, ts)
+    assert len(prompts) == len(ts.problems) and all(p.endswith("\nA: So we") for p in prompts)
+    prompts.clear()
+    assert ev.evaluate_variant(tagged, ts) == with_prefix and prompts == []  # cached under its own key
+    ev.evaluate_variant(plain, ts)
+    assert len(prompts) == len(ts.problems) and not any(p.endswith(" So we") for p in prompts)

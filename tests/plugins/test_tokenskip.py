@@ -275,6 +275,28 @@ def test_pruner_hits_gamma_in_model_tokens_and_tags_the_prompt(tmp_path, smollm_
         TrainingSet(examples=examples), ctx).examples
     assert len(two) == 24 and len({e.id for e in two}) == 24
     assert all(len({x.meta["gamma"] for x in two if x.problem_id == e.problem_id}) == 2 for e in examples)
+    # tag_position response: the user turn is untouched and the model's turn starts with the tag
+    resp = TokenSkipPruner(TokenSkipPruner.Config(batch_size=4, tag_position="response")).prune(
+        TrainingSet(examples=examples), ctx).examples
+    assert [e.completion for e in resp] == [e.completion for e in out.examples]
+    for e in resp:
+        tag = "" if e.meta["gamma"] == 1.0 else f"<|eot_id|>{e.meta['gamma']:g}<|eot_id|>"
+        assert e.prompt == engine.chat_prompt(q) + tag and e.meta["tag_position"] == "response"
+
+
+def test_trainer_evaluates_each_gamma_with_the_tag_where_it_trained(tmp_path):
+    import json
+
+    ctx = _ctx(tmp_path, stage="trainer")
+    ctx.workdir.mkdir(parents=True)
+    (ctx.workdir / "ratio_tags.json").write_text(json.dumps({"1": "", "0.5": "<r0.5>"}))
+    sft = TokenSkipSFT(TokenSkipSFT.Config())
+    before = sft.eval_variants(ctx)  # an adapter trained before tag_position existed: the question
+    assert [(v.name, v.prompt_suffix, v.response_prefix) for v in before] == [
+        ("trained@gamma=1", "", ""), ("trained@gamma=0.5", "<r0.5>", "")]
+    (ctx.workdir / "ratio_tag_position.json").write_text(json.dumps({"tag_position": "response"}))
+    after = sft.eval_variants(ctx)
+    assert [(v.prompt_suffix, v.response_prefix) for v in after] == [("", ""), ("", "<r0.5>")]
 
 
 def test_third_party_scorer_drives_the_pruner(tmp_path, smollm_path):

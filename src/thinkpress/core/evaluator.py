@@ -63,7 +63,8 @@ class Evaluator:
                     tag = ",".join(f"{k}={val}" for k, val in params.items())
                     out.append(EvalVariant(name=f"{v.name}+{kv.name}" + (f"@{tag}" if tag else ""),
                                            params={**v.params, "kv_policy": kv.name, **params}, adapter=v.adapter,
-                                           prompt_suffix=v.prompt_suffix, kv_pruner=kv.name, kv_params=params,
+                                           prompt_suffix=v.prompt_suffix, response_prefix=v.response_prefix,
+                                           kv_pruner=kv.name, kv_params=params,
                                            max_new_tokens=v.max_new_tokens, reference=v.name))
         return out
 
@@ -72,9 +73,10 @@ class Evaluator:
         # params hold the trainer stage's key (adapter_key) for trained variants: it identifies the adapter.
         # "eval-v3": unmerged adapters and strict grading (older cached evaluations are not reused).
         engine_name = self.plan.eval_engine or self.cfg.engine
+        prefix = [("response_prefix", v.response_prefix)] if v.response_prefix else []  # older keys unchanged
         return stable_hash("eval-v3", v.name, v.params, v.prompt_suffix, v.kv_pruner, v.kv_params, ts.key,
                            self.cfg.eval.generation.model_dump(mode="json"), self.model_id, self.cfg.system_prompt,
-                           self.cfg.dtype, self.cfg.seed, *engine_identity(self.cfg, engine_name))
+                           self.cfg.dtype, self.cfg.seed, *engine_identity(self.cfg, engine_name), *prefix)
 
     def evaluate_variant(self, v: EvalVariant, ts: TestSet) -> dict[str, Any]:
         """Evaluate one variant on one test set (resumable per chunk, cached by content key)."""
@@ -98,7 +100,7 @@ class Evaluator:
         def run_chunk(chunk: list[Problem]) -> list[Prediction]:
             engine.stats.reset()
             t0 = time.perf_counter()
-            prompts = [engine.chat_prompt(p.question, suffix=v.prompt_suffix) for p in chunk]
+            prompts = [engine.chat_prompt(p.question, suffix=v.prompt_suffix) + v.response_prefix for p in chunk]
             outs = engine.generate(prompts, params, n=1, batch_size=g.batch_size, kv_policy=policy)
             wall = time.perf_counter() - t0
             recs = []
@@ -165,7 +167,7 @@ class Evaluator:
 
             def run_chunk(chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 qs = [problems[f["problem_id"]].question for f in chunk]
-                prompts = [engine.chat_prompt(q, suffix=v.prompt_suffix) for q in qs]
+                prompts = [engine.chat_prompt(q, suffix=v.prompt_suffix) + v.response_prefix for q in qs]
                 lps = engine.forced_decode(prompts, [f["token_ids"] for f in chunk], kv_policy=pol,
                                            batch_size=g.batch_size)
                 return [{"problem_id": f["problem_id"], "nll_sum": -sum(lp), "n": len(lp)} for f, lp in

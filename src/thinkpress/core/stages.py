@@ -91,6 +91,9 @@ class EvalVariant:
     adapter: str | None = None
     prompt_suffix: str = ""
     """Text appended to the question in the user turn (e.g. a TokenSkip ratio tag)."""
+    response_prefix: str = ""
+    """Text the model's turn starts with: fed after the generation prompt, not generated and not counted
+    (e.g. a TokenSkip ratio tag with ``tag_position: response``)."""
     kv_pruner: str | None = None
     kv_params: dict[str, Any] = field(default_factory=dict)
     max_new_tokens: int | None = None

@@ -18,7 +18,8 @@ Mixing: each example gets one gamma drawn uniformly from ``{1.0} + gammas`` (see
 so the draw depends neither on order nor on resume; ``draws_per_example`` > 1 draws that many
 distinct gammas and adds one training example per draw, for small data); at 1.0 the CoT is kept whole and the prompt has
 no tag; otherwise the question carries the ratio tag (``tag_format``, default the original
-``<|eot_id|>{gamma}<|eot_id|>`` after the question). Target = pruned CoT + the original answer line.
+``<|eot_id|>{gamma}<|eot_id|>`` after the question), or with ``tag_position: response`` the model's turn
+starts with it (evaluation feeds it the same way). Target = pruned CoT + the original answer line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import mean
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -144,6 +145,13 @@ def ratio_tag(fmt: str, gamma: float) -> str:
     return "" if gamma >= 1.0 else fmt.format(gamma=f"{gamma:g}")
 
 
+def tagged_prompt(engine, question: str, tag: str, position: str) -> str:
+    """The model input for ``question`` with ratio tag ``tag`` at ``position`` (question or response)."""
+    if position == "response":
+        return engine.chat_prompt(question) + tag
+    return engine.chat_prompt(question, suffix=tag)
+
+
 class TokenSkipPruner(TracePruner):
     name = "tokenskip"
     description = "importance-pruned CoTs at a ratio gamma drawn per example; the ratio tag goes in the prompt"
@@ -158,7 +166,10 @@ class TokenSkipPruner(TracePruner):
         draws_per_example: int = Field(default=1, ge=1, description="Distinct gammas drawn per example (1: the "
                                        "published mix; more: each CoT at several ratios, for small data)")
         tag_format: str = Field(default="<|eot_id|>{gamma}<|eot_id|>",
-                                description="Ratio tag appended to the question; {gamma} is replaced (0.9, 0.5)")
+                                description="Ratio tag; {gamma} is replaced (0.9, 0.5)")
+        tag_position: Literal["question", "response"] = Field(
+            default="question", description="question: the tag follows the question in the user turn (the "
+            "original); response: the model's turn starts with it (fed at evaluation, not generated)")
         force_tokens: list[str] = Field(default=["Step", ":"], description="Words containing any of these are kept")
         keep_digits: bool = Field(default=True, description="Keep every word that contains a digit")
         batch_size: int = Field(default=8, ge=1, description="Traces scored per chunk (journaled for resume)")
@@ -262,11 +273,12 @@ class TokenSkipPruner(TracePruner):
                 pruned, info = kept[g]
                 per_gamma[f"{g:g}"]["drawn"] += 1
                 over += info["over_budget"]
-                suffix = tags[f"{g:g}"]
-                prompt = engine.chat_prompt(e.meta["question"], suffix=suffix) if suffix else e.prompt
+                tag = tags[f"{g:g}"]
+                prompt = tagged_prompt(engine, e.meta["question"], tag, c.tag_position) if tag else e.prompt
                 out.append(Example(id=e.id if j == 0 else f"{e.id}@{g:g}", problem_id=e.problem_id, prompt=prompt,
                                    completion=pruned + e.meta["answer_tail"],
-                                   meta={**e.meta, "gamma": g, "prompt_suffix": suffix, "ratio_tags": tags,
+                                   meta={**e.meta, "gamma": g, "prompt_suffix": tag, "ratio_tags": tags,
+                                         "tag_position": c.tag_position,
                                          "pruned_cot": pruned, "kept_words": info["kept_words"],
                                          "words": info["words"]}))
         summary = {g: {"drawn": st["drawn"], "mean_token_ratio": round(mean(st["ratios"]), 4),

@@ -22,6 +22,7 @@ from thinkpress.api import (
 from thinkpress.toolkit.lora import SFTConfig, train_lora_sft
 
 TAGS_FILE = "ratio_tags.json"
+POSITION_FILE = "ratio_tag_position.json"  # absent in adapters trained before tag_position: the question
 
 
 class TokenSkipSFTConfig(SFTConfig):
@@ -40,11 +41,19 @@ class TokenSkipSFTConfig(SFTConfig):
 
 
 def ratio_tags(data: TrainingSet) -> dict[str, str]:
-    """``{gamma: prompt suffix}`` from the pruner's examples (all carry the same table)."""
+    """``{gamma: tag}`` from the pruner's examples (all carry the same table)."""
     tags: dict[str, str] = {}
     for e in data.examples:
         tags.update(e.meta.get("ratio_tags") or {})
     return tags
+
+
+def tag_position(data: TrainingSet) -> str:
+    """Where the pruner put the tags: ``question`` (the user turn) or ``response`` (the model's turn)."""
+    found = {e.meta.get("tag_position", "question") for e in data.examples if e.meta.get("ratio_tags")}
+    if len(found) > 1:
+        raise TrainingError(f"the examples put the ratio tag in different places ({sorted(found)})")
+    return found.pop() if found else "question"
 
 
 def controllability(result: TestSetResult) -> list[dict[str, Any]]:
@@ -104,6 +113,7 @@ class TokenSkipSFT(Trainer):
                                 f"the {len(data.examples)} examples carries a ratio tag table (meta.ratio_tags). "
                                 "Run with --plugins tokenskip (or add 'tokenskip' to stages.pruners).")
         atomic_write_json(ctx.workdir / TAGS_FILE, tags)
+        atomic_write_json(ctx.workdir / POSITION_FILE, {"tag_position": tag_position(data)})
         result = train_lora_sft(data.examples, ctx, self.config, out_dir=ctx.workdir, component=self.name)
         drawn: dict[str, int] = {}
         for e in data.examples:
@@ -113,11 +123,14 @@ class TokenSkipSFT(Trainer):
 
     def eval_variants(self, ctx: StageContext) -> list[EvalVariant]:
         tags = json.loads((ctx.workdir / TAGS_FILE).read_text())
+        pos_file = ctx.workdir / POSITION_FILE
+        position = json.loads(pos_file.read_text())["tag_position"] if pos_file.exists() else "question"
         max_new = ctx.config.eval.generation.max_new_tokens
         out = []
-        for g_str, suffix in sorted(tags.items(), key=lambda kv: -float(kv[0])):
+        for g_str, tag in sorted(tags.items(), key=lambda kv: -float(kv[0])):
             g = float(g_str)
-            out.append(EvalVariant(name=f"trained@gamma={g_str}", params={"gamma": g}, prompt_suffix=suffix,
+            where = {"response_prefix": tag} if position == "response" else {"prompt_suffix": tag}
+            out.append(EvalVariant(name=f"trained@gamma={g_str}", params={"gamma": g}, **where,
                                    max_new_tokens=math.ceil(g * max_new) if self.config.scale_max_tokens else None))
         return out
 
