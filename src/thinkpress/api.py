@@ -55,6 +55,7 @@ from thinkpress.core.stages import (
     TracePruner,
     Trainer,
 )
+from thinkpress.core.stats import mcnemar_exact, paired_difference, paired_savings, wilson
 from thinkpress.core.store import derive_seed, stable_hash
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "ThinkpressError", "ConfigError", "PluginError", "ModelError", "DataError", "RunStoreError", "TrainingError",
     # reports, files, seeds
     "fmt", "fmt_pct_ci", "fmt_num_ci", "flips", "figure",
+    "wilson", "mcnemar_exact", "paired_difference", "paired_savings",
     "atomic_file", "atomic_write_text", "atomic_write_json", "atomic_dir", "stable_hash", "derive_seed",
     "model_identity",
 ]

@@ -346,6 +346,30 @@ def test_controllability_rows():
     assert [r["name"] for r in ctrl] == ["trained@gamma=1", "trained@gamma=0.5"]
     assert rows[2]["actual_ratio"] == pytest.approx(0.62) and rows[2]["adherence_error"] == pytest.approx(0.12)
     assert rows[2]["accuracy_vs_full"] == pytest.approx(-0.05) and "actual_ratio" not in rows[0]
+    assert "actual_ratio_ci" not in rows[2]  # no per-problem tokens, no interval
+    # with per-problem tokens: a paired interval around the ratio; every problem at exactly half: [0.5, 0.5]
+    half = {"trained@gamma=1": [100.0, 80.0, 120.0, 100.0], "trained@gamma=0.5": [50.0, 40.0, 60.0, 50.0]}
+    controllability(result, half)
+    assert rows[2]["actual_ratio_ci"] == pytest.approx([0.5, 0.5])
+    spread = {"trained@gamma=1": [100.0, 80.0, 120.0, 100.0], "trained@gamma=0.5": [30.0, 70.0, 60.0, 90.0]}
+    controllability(result, spread)
+    lo, hi = rows[2]["actual_ratio_ci"]
+    assert lo < 250 / 400 < hi and hi - lo > 0.1
+
+
+def test_tokens_per_problem_aligns_variants_by_problem_id(tmp_path):
+    from thinkpress.api import write_jsonl
+    from thinkpress.plugins.tokenskip.train import tokens_per_problem
+
+    def write(name, rows):
+        write_jsonl(tmp_path / name / "predictions.jsonl", [{"problem_id": p, "n_tokens": n} for p, n in rows])
+
+    write("a", [("p2", 5), ("p1", 7)])
+    write("b", [("p1", 3), ("p2", 1)])
+    assert tokens_per_problem(tmp_path, ["a", "b"]) == {"a": [7.0, 5.0], "b": [3.0, 1.0]}
+    assert tokens_per_problem(tmp_path, ["a", "missing"]) is None
+    write("c", [("p9", 3), ("p2", 1)])
+    assert tokens_per_problem(tmp_path, ["a", "c"]) is None
 
 
 # -- the whole method ------------------------------------------------------------------------------

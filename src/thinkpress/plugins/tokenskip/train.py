@@ -18,6 +18,7 @@ from thinkpress.api import (
     TrainingSet,
     TrainResult,
     atomic_write_json,
+    paired_savings,
 )
 from thinkpress.toolkit.lora import SFTConfig, train_lora_sft
 
@@ -56,10 +57,12 @@ def tag_position(data: TrainingSet) -> str:
     return found.pop() if found else "question"
 
 
-def controllability(result: TestSetResult) -> list[dict[str, Any]]:
+def controllability(result: TestSetResult, tokens: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
     """Per gamma variant: actual ratio (mean tokens at gamma / at 1.0) and adherence error |actual - gamma|.
 
-    The keys are added to the variants' rows; the rows with a gamma are returned, largest gamma first.
+    With ``tokens`` (variant name -> output tokens per problem, the same problems in the same order),
+    ``actual_ratio_ci`` is the paired-bootstrap 95% interval of the ratio. The keys are added to the
+    variants' rows; the rows with a gamma are returned, largest gamma first.
     """
     gammas = [(v.variant.params["gamma"], v.row) for v in result.variants if "gamma" in v.variant.params]
     full = next((row for g, row in gammas if g == 1.0), None)
@@ -69,7 +72,26 @@ def controllability(result: TestSetResult) -> list[dict[str, Any]]:
         r["actual_ratio"] = r["mean_tokens"] / full["mean_tokens"]
         r["adherence_error"] = abs(r["actual_ratio"] - g)
         r["accuracy_vs_full"] = r["accuracy"] - full["accuracy"]
+        if tokens and full["name"] in tokens and r["name"] in tokens:
+            saved = paired_savings(tokens[full["name"]], tokens[r["name"]])
+            r["actual_ratio_ci"] = None if saved is None else [1.0 - saved[1], 1.0 - saved[0]]
     return [r for _, r in sorted(gammas, key=lambda gr: -gr[0])]
+
+
+def tokens_per_problem(eval_dir: Path, names: list[str]) -> dict[str, list[float]] | None:
+    """Output tokens per problem of each variant from ``eval_dir/<variant>/predictions.jsonl``, aligned by
+    problem id (None when a variant's predictions are missing or cover other problems)."""
+    by_name = {}
+    for name in names:
+        path = eval_dir / name.replace("/", "_") / "predictions.jsonl"
+        if not path.exists():
+            return None
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        by_name[name] = {r["problem_id"]: float(r["n_tokens"]) for r in rows}
+    ids = sorted(next(iter(by_name.values()), {}))
+    if any(sorted(v) != ids for v in by_name.values()):
+        return None
+    return {name: [v[i] for i in ids] for name, v in by_name.items()}
 
 
 def plot_ratio(rows: list[dict[str, Any]], path: Path) -> None:
@@ -135,15 +157,19 @@ class TokenSkipSFT(Trainer):
         return out
 
     def report_extras(self, result: TestSetResult, out_dir: Path) -> list[str]:
-        ctrl = controllability(result)
+        names = [v.name for v in result.variants if "gamma" in v.variant.params]
+        tokens = tokens_per_problem(out_dir / "eval" / result.name.replace("/", "_"), names)
+        ctrl = controllability(result, tokens)
         if not ctrl:
             return []
         plot_ratio(ctrl, out_dir / "ratio.png")
         lines = ["## Controllability (TokenSkip)", "",
-                 "| gamma | accuracy | vs. gamma 1.0 | mean tokens | actual ratio | adherence error |",
+                 "| gamma | accuracy | vs. gamma 1.0 | mean tokens | actual ratio [95% CI] | adherence error |",
                  "|---|---|---|---|---|---|"]
         for r in ctrl:
+            ci = r.get("actual_ratio_ci")
+            ci_txt = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             lines.append(f"| {r['params']['gamma']:g} | {100 * r['accuracy']:.1f}% "
                          f"| {100 * r['accuracy_vs_full']:+.1f} | {r['mean_tokens']:.1f} "
-                         f"| {r['actual_ratio']:.3f} | {r['adherence_error']:.3f} |")
+                         f"| {r['actual_ratio']:.3f}{ci_txt} | {r['adherence_error']:.3f} |")
         return [*lines, "", "![actual vs requested ratio; accuracy vs tokens](ratio.png)"]
