@@ -18,7 +18,16 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from thinkpress.api import figure, mcnemar_exact, paired_difference, paired_savings, wilson
+from thinkpress.api import (
+    figure,
+    flips,
+    fmt_num_ci,
+    fmt_pct_ci,
+    mcnemar_exact,
+    paired_difference,
+    paired_savings,
+    wilson,
+)
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -60,7 +69,8 @@ def adherence(run: Path, test_set: str, only: set[str] | None = None) -> list[di
         ratio = mean(tok) / mean(full_tok)
         out.append({"gamma": g, "n": len(ids), "accuracy": mean(ok), "accuracy_ci": wilson(int(sum(ok)), len(ok)),
                     "vs_base": mean(ok) - mean(base_ok), "vs_base_ci": paired_difference(base_ok, ok),
-                    "lost": lost, "gained": gained, "p": mcnemar_exact(lost, gained), "mean_tokens": mean(tok),
+                    "flips_vs": "base", "lost": lost, "gained": gained, "flip_p": mcnemar_exact(lost, gained),
+                    "mean_tokens": mean(tok),
                     "base_tokens": mean(float(preds["base"][i]["n_tokens"]) for i in ids), "actual_ratio": ratio,
                     "ratio_ci": None if saved is None else (1 - saved[1], 1 - saved[0]),
                     "adherence_error": abs(ratio - g),
@@ -72,12 +82,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| gamma | n | accuracy [95% CI] | vs base, pt [95% CI] | lost / gained (p) | mean tokens "
              "| actual ratio [95% CI] | adherence error | truncated |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        a, d, q = r["accuracy_ci"], r["vs_base_ci"], r["ratio_ci"]
-        lines.append(f"| {r['gamma']:g} | {r['n']} | {100 * r['accuracy']:.1f}% [{100 * a[0]:.1f}, {100 * a[1]:.1f}] "
-                     f"| {100 * r['vs_base']:+.1f} [{100 * d[0]:+.1f}, {100 * d[1]:+.1f}] "
-                     f"| {r['lost']} / {r['gained']} ({r['p']:.2g}) | {r['mean_tokens']:.1f} "
-                     f"| {r['actual_ratio']:.3f} [{q[0]:.3f}, {q[1]:.3f}] | {r['adherence_error']:.3f} "
-                     f"| {100 * r['truncated']:.1f}% |")
+        lines.append(f"| {r['gamma']:g} | {r['n']} | {100 * r['accuracy']:.1f}%{fmt_pct_ci(r['accuracy_ci'])} "
+                     f"| {100 * r['vs_base']:+.1f}{fmt_pct_ci(r['vs_base_ci'], signed=True)} | {flips(r)} "
+                     f"| {r['mean_tokens']:.1f} | {r['actual_ratio']:.3f}{fmt_num_ci(r['ratio_ci'], 3)} "
+                     f"| {r['adherence_error']:.3f} | {100 * r['truncated']:.1f}% |")
     return "\n".join(lines)
 
 

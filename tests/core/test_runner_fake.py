@@ -125,18 +125,12 @@ def test_rounds_sample_with_the_previous_adapter_and_report_each_round(tmp_path)
     assert again["variants"] == report["variants"]
 
 
-def test_a_variants_response_prefix_is_fed_after_the_generation_prompt_and_keys_its_evaluation(tmp_path, monkeypatch):
+def test_a_variants_response_prefix_is_fed_after_the_generation_prompt_and_keys_its_evaluation(tmp_path,
+                                                                                                fake_prompts):
     from thinkpress.core.evaluator import Evaluator
     from thinkpress.core.stages import EvalVariant
 
-    prompts: list[str] = []
-    real = FakeEngine.generate
-
-    def recording(self, ps, params, **kw):
-        prompts.extend(ps)
-        return real(self, ps, params, **kw)
-
-    monkeypatch.setattr(FakeEngine, "generate", recording)
+    prompts = fake_prompts
     runner, _ = _run(tmp_path, "a")
     ev: Evaluator = runner.evaluator
     ts = runner.result.primary.test_set

@@ -19,17 +19,8 @@ PROBLEMS = [Problem(id=f"p{i}", question=f"What is {i} + {i}?", answer=str(2 * i
 
 
 @pytest.fixture
-def decoded(monkeypatch):
-    """Prompts the fake engine decoded (generate is wrapped, not replaced)."""
-    seen: list[str] = []
-    real = FakeEngine.generate
-
-    def counting(self, prompts, params, **kw):
-        seen.extend(prompts)
-        return real(self, prompts, params, **kw)
-
-    monkeypatch.setattr(FakeEngine, "generate", counting)
-    return seen
+def decoded(fake_prompts):
+    return fake_prompts
 
 
 def _sample(tmp_path, name, problems, params, *sets, n=3, seed=0):
