@@ -14,14 +14,14 @@ def problem_seed(seed: int, problem_id: str) -> int:
     return derive_seed(seed, problem_id)
 
 
-def _request(ctx: StageContext, prompt: str, params: GenParams, n: int, seed: int) -> dict:
-    """What a problem's completions depend on (the :class:`~thinkpress.core.store.SampleCache` key)."""
+def _request_base(ctx: StageContext, params: GenParams, n: int) -> dict:
+    """What every problem's request shares (the :class:`~thinkpress.core.store.SampleCache` key, less prompt and
+    seed); built once per call, so the model identity (a file hash for local models) is not recomputed per problem."""
     from thinkpress.core.models import model_identity
 
     cfg = ctx.config
     return {"model": model_identity(cfg.model), "adapter": ctx.adapter, "engine": ctx.engine_name or cfg.engine,
-            "dtype": cfg.dtype, "prompt": prompt, "params": dataclasses.asdict(params), "n": n,
-            "seed": None if params.greedy else seed, "logprobs": True}
+            "dtype": cfg.dtype, "params": dataclasses.asdict(params), "n": n, "logprobs": True}
 
 
 def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, params: GenParams, batch_size: int,
@@ -34,13 +34,15 @@ def sample_problems(problems: list[Problem], ctx: StageContext, *, n: int, param
     """
     engine = ctx.engine
     cache = ctx.run.store.sample_cache() if ctx.config.sample_cache else None
+    shared = _request_base(ctx, params, n) if cache else {}
     reused = 0
 
     def run_chunk(chunk: list[Problem]) -> list[Sample]:
         nonlocal reused
         prompts = [engine.chat_prompt(p.question) for p in chunk]
         seeds = [problem_seed(ctx.seed, p.id) for p in chunk]
-        requests = [_request(ctx, pr, params, n, sd) for pr, sd in zip(prompts, seeds, strict=True)]
+        requests = [{**shared, "prompt": pr, "seed": None if params.greedy else sd}
+                    for pr, sd in zip(prompts, seeds, strict=True)]
         keys = [cache.key(r) for r in requests] if cache else [None] * len(chunk)
         found = [cache.get(k) if cache else None for k in keys]
         found = [f if f is not None and len(f) == n else None for f in found]
