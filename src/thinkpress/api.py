@@ -45,6 +45,7 @@ from thinkpress.core.scoring import (
     validate_scorer,
 )
 from thinkpress.core.stages import (
+    EVAL_ONLY,
     Component,
     ComponentConfig,
     EvalVariant,
@@ -65,7 +66,7 @@ __all__ = [
     "Problem", "Sample", "Example", "PreferencePair", "TrainingSet", "TrainResult", "Prediction",
     "read_jsonl", "write_jsonl",
     # stages
-    "Component", "ComponentConfig", "Sampler", "Selector", "Refiner", "TracePruner", "Trainer", "KVPruner",
+    "Component", "ComponentConfig", "EVAL_ONLY", "Sampler", "Selector", "Refiner", "TracePruner", "Trainer", "KVPruner",
     "EvalVariant", "StageContext",
     # results (what report_extras and the runner see)
     "RunResult", "TestSetResult", "VariantResult",

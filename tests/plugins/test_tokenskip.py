@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import cli_env, run_cli
+from pydantic import ValidationError
 
 from thinkpress.core.config import build_config
 from thinkpress.core.context import UI, RunState, StageContext
@@ -297,6 +298,25 @@ def test_trainer_evaluates_each_gamma_with_the_tag_where_it_trained(tmp_path):
     (ctx.workdir / "ratio_tag_position.json").write_text(json.dumps({"tag_position": "response"}))
     after = sft.eval_variants(ctx)
     assert [(v.prompt_suffix, v.response_prefix) for v in after] == [("", ""), ("", "<r0.5>")]
+
+
+def test_eval_gammas_picks_the_evaluated_ratios_without_changing_the_training_key(tmp_path):
+    ctx = _ctx(tmp_path, stage="trainer")
+    ctx.workdir.mkdir(parents=True)
+    (ctx.workdir / "ratio_tags.json").write_text(json.dumps({"1": "", "0.9": "<r0.9>", "0.7": "<r0.7>",
+                                                             "0.5": "<r0.5>"}))
+    every = TokenSkipSFT(TokenSkipSFT.Config())
+    assert [v.params["gamma"] for v in every.eval_variants(ctx)] == [1.0, 0.9, 0.7, 0.5]
+    some = TokenSkipSFT(TokenSkipSFT.Config(eval_gammas=[0.5, 0.7]))
+    assert [v.params["gamma"] for v in some.eval_variants(ctx)] == [1.0, 0.7, 0.5]  # 1.0: the ratio's reference
+    with pytest.raises(TrainingError, match=r"\[0\.6\] were not trained.*0\.9"):
+        TokenSkipSFT(TokenSkipSFT.Config(eval_gammas=[0.6])).eval_variants(ctx)
+    with pytest.raises(ValidationError, match="eval_gammas"):
+        TokenSkipSFT.Config(eval_gammas=[1.5])
+    # evaluation-only: the trained stage is reused, while a training setting changes the key
+    assert some.config.key_dump() == every.config.key_dump()
+    assert "eval_gammas" in some.config.model_dump()
+    assert TokenSkipSFT.Config(lr=1e-3).key_dump() != every.config.key_dump()
 
 
 def test_third_party_scorer_drives_the_pruner(tmp_path, smollm_path):

@@ -95,10 +95,11 @@ class StageExecutor:
         return result, key
 
     def stage_key(self, stage: str, planned: Planned, input_keys: list[str]) -> str:
-        """A stage's cache key: stage, component, its config, input keys, model, seed, prompt, dtype, engine."""
+        """A stage's cache key: stage, component, its config (less eval-only fields), input keys, model, seed,
+        prompt, dtype, engine."""
         engine = self.plan.engine_for(stage, planned.name) or self.cfg.engine
         launch = self.cfg.launch.identity() if stage == "trainer" else []  # empty for in-process training
-        return stable_hash(stage, planned.name, planned.instance.config.model_dump(mode="json"), input_keys,
+        return stable_hash(stage, planned.name, planned.instance.config.key_dump(), input_keys,
                            self.model_id, self.cfg.seed, self.cfg.system_prompt, self.cfg.dtype,
                            *stage_engine_identity(self.cfg, engine), *launch)
 

@@ -30,10 +30,22 @@ SINGLE_STAGES = ("sampler", "selector", "trainer")
 """Stages with exactly one component per run (the others chain)."""
 
 
+EVAL_ONLY: dict[str, Any] = {"eval_only": True}
+"""``json_schema_extra`` of a config field that changes only how the result is evaluated (which variants, their
+token limits), not what the stage produces: such a field is left out of the stage's cache key, so setting it
+reuses the trained stage. Example: ``Field(default=None, description=..., json_schema_extra=EVAL_ONLY)``."""
+
+
 class ComponentConfig(BaseModel):
     """Base of every component's ``Config``: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def key_dump(self) -> dict[str, Any]:
+        """The config as it enters the stage's cache key: every field except those marked :data:`EVAL_ONLY`."""
+        skip = {n for n, f in type(self).model_fields.items()
+                if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("eval_only")}
+        return self.model_dump(mode="json", exclude=skip)
 
 
 class Component(ABC):  # noqa: B024 - the stage bases declare the abstract method

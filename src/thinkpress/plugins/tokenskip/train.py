@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from thinkpress.api import (
+    EVAL_ONLY,
     EvalVariant,
     StageContext,
     TestSetResult,
@@ -39,6 +40,18 @@ class TokenSkipSFTConfig(SFTConfig):
                             "more than 5% would be cut")
     scale_max_tokens: bool = Field(default=False, description="Evaluate gamma with max_new_tokens scaled by "
                                    "gamma (as the original does for MATH)")
+    eval_gammas: list[float] | None = Field(default=None, json_schema_extra=EVAL_ONLY,
+                                            description="Evaluate only these trained gammas (1.0, the reference "
+                                            "of the actual ratio, is kept when trained); default: every trained "
+                                            "gamma. "
+                                            "Not part of the training cache key")
+
+    @field_validator("eval_gammas")
+    @classmethod
+    def _eval_gammas_in_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not 0.0 < g <= 1.0 for g in v)):
+            raise ValueError(f"eval_gammas must be a non-empty list of ratios in (0, 1], got {v}")
+        return v
 
 
 def ratio_tags(data: TrainingSet) -> dict[str, str]:
@@ -148,9 +161,17 @@ class TokenSkipSFT(Trainer):
         pos_file = ctx.workdir / POSITION_FILE
         position = json.loads(pos_file.read_text())["tag_position"] if pos_file.exists() else "question"
         max_new = ctx.config.eval.generation.max_new_tokens
+        wanted = self.config.eval_gammas
+        if wanted is not None:
+            missing = [g for g in wanted if g != 1.0 and not any(abs(float(t) - g) < 1e-9 for t in tags)]
+            if missing:
+                raise TrainingError(f"tokenskip-sft.eval_gammas {missing} were not trained; trained gammas: "
+                                    f"{sorted(float(t) for t in tags)}")
         out = []
         for g_str, tag in sorted(tags.items(), key=lambda kv: -float(kv[0])):
             g = float(g_str)
+            if wanted is not None and g != 1.0 and not any(abs(g - w) < 1e-9 for w in wanted):
+                continue
             where = {"response_prefix": tag} if position == "response" else {"prompt_suffix": tag}
             out.append(EvalVariant(name=f"trained@gamma={g_str}", params={"gamma": g}, **where,
                                    max_new_tokens=math.ceil(g * max_new) if self.config.scale_max_tokens else None))
