@@ -1,5 +1,6 @@
 """The per-problem sample cache: a run over more problems decodes only the new ones (fake engine)."""
 
+import gzip
 import json
 from types import SimpleNamespace
 
@@ -84,3 +85,40 @@ def test_an_unreadable_cache_file_is_decoded_again(tmp_path, decoded):
     assert len(decoded) == 1 and st["from_sample_cache"] == 2
     assert [s.model_dump() for s in again] == [s.model_dump() for s in first]
     assert json.loads(files[0].read_text())["completions"]  # rewritten whole
+
+
+def test_exported_samples_fill_another_machines_cache_and_a_bad_file_adds_nothing(tmp_path, decoded):
+    from conftest import run_cli
+
+    first, _ = _sample(tmp_path, "a", PROBLEMS[:4], SAMPLED)
+    src = tmp_path / "cache"
+    dump = tmp_path / "cots.jsonl.gz"
+    out = run_cli(["samples", "export", str(dump), "--cache-dir", str(src), "--model", "smollm2"])
+    assert out.returncode == 0 and "wrote 4 " in out.stdout, out.stderr
+    assert run_cli(["samples", "export", str(tmp_path / "none.jsonl"), "--cache-dir", str(src), "--model",
+                    "no-such-model"]).stdout.startswith("wrote 0 ")
+    # "another machine": an empty cache, filled by import; its run decodes nothing and gets the same samples
+    other = tmp_path / "other"
+    out = run_cli(["samples", "import", str(dump), "--cache-dir", str(other / "cache")])
+    assert out.returncode == 0 and "added 4 " in out.stdout and "(0 already there)" in out.stdout, out.stderr
+    decoded.clear()
+    again, st = _sample(other, "b", PROBLEMS[:4], SAMPLED)
+    assert decoded == [] and st["from_sample_cache"] == 4
+    assert [s.model_dump() for s in again] == [s.model_dump() for s in first]
+    assert "added 0 " in run_cli(["samples", "import", str(dump), "--cache-dir", str(other / "cache")]).stdout
+    # an edited request no longer hashes to its key: refused with its line, and the sound lines before it are not added
+    lines = gzip.decompress(dump.read_bytes()).decode().splitlines()
+    bad = json.loads(lines[2])
+    bad["request"]["prompt"] += " (edited)"
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join([*lines[:2], json.dumps(bad), lines[3]]) + "\n")
+    out = run_cli(["samples", "import", str(edited), "--cache-dir", str(tmp_path / "third")])
+    assert out.returncode != 0 and "line 3" in out.stderr and "nothing was imported" in out.stderr
+    assert not list((tmp_path / "third").rglob("*.json"))
+    missing = dict(json.loads(lines[0]), completions=[])
+    edited.write_text(json.dumps(missing) + "\n")
+    out = run_cli(["samples", "import", str(edited), "--cache-dir", str(tmp_path / "third")])
+    assert out.returncode != 0 and "asks for 3 completions and it has 0" in out.stderr
+    edited.write_bytes(b"\x1f\x8b not gzip")
+    out = run_cli(["samples", "import", str(edited), "--cache-dir", str(tmp_path / "third")])
+    assert out.returncode != 0 and "not a sample export" in out.stderr

@@ -333,6 +333,42 @@ def models_fetch(name):
         _fail(e)
 
 
+@cli.group("samples")
+def samples_group():
+    """Move the sample cache (earlier runs' completions, reused by samplers) between machines."""
+
+
+_CACHE_DIR = click.option("--cache-dir", type=click.Path(file_okay=False), default="runs/.cache", show_default=True,
+                          help="Stage cache whose samples/ folder is read or filled (a run's cache_dir)")
+
+
+@samples_group.command("export")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_CACHE_DIR
+@click.option("--model", default=None, help="Only requests whose model identity contains this (e.g. an embedded "
+              "model's name)")
+def samples_export(file, cache_dir, model):
+    """Write the cached completions to FILE (JSON lines; gzip when FILE ends in .gz)."""
+    from thinkpress.core.store import SampleCache
+
+    n = SampleCache(Path(cache_dir) / "samples").export(Path(file), model=model)
+    click.echo(f"wrote {n} requests' completions to {file}")
+
+
+@samples_group.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@_CACHE_DIR
+def samples_import(file, cache_dir):
+    """Add the completions in FILE (from `core samples export`) to the sample cache; checked before any write."""
+    from thinkpress.core.store import SampleCache
+
+    try:
+        added, present = SampleCache(Path(cache_dir) / "samples").import_file(Path(file))
+    except ThinkpressError as e:
+        _fail(e)
+    click.echo(f"added {added} requests' completions to {cache_dir}/samples ({present} already there)")
+
+
 def _add_plugin_commands() -> None:
     from thinkpress.core.plugins import get_registry
 

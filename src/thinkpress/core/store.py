@@ -22,6 +22,7 @@ All other writes are atomic (temp file + rename). Samplers also keep each proble
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from thinkpress.core.errors import RunStoreError
-from thinkpress.core.files import atomic_dir, atomic_write_json, atomic_write_text
+from thinkpress.core.files import atomic_dir, atomic_file, atomic_write_json, atomic_write_text
 
 
 def stable_hash(*parts: Any) -> str:
@@ -156,6 +157,77 @@ class SampleCache:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"request": request, "completions": completions})
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """Every valid entry (``{"key", "request", "completions"}``), in key order; unreadable files are skipped."""
+        for path in sorted(self.root.glob("*/*.json")):
+            try:
+                entry = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            entry = {"key": path.stem, **entry} if isinstance(entry, dict) else None
+            if entry is not None and _entry_problem(entry) is None:
+                yield entry
+
+    def export(self, dest: Path, model: str | None = None) -> int:
+        """Write the entries to ``dest`` as JSON lines (gzip when it ends in ``.gz``): a file that carries sampled
+        completions to another machine or into the repository. ``model``: only requests whose model identity
+        contains this string (e.g. ``qwen2.5-coder-0.5b``). Returns the number of entries written."""
+        rows = [e for e in self.entries() if model is None or model in str(e["request"].get("model"))]
+        text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in rows)
+        data = text.encode("utf-8")
+        if str(dest).endswith(".gz"):
+            data = gzip.compress(data, mtime=0)  # no timestamp: the same entries give the same bytes
+        with atomic_file(dest, "wb") as f:
+            f.write(data)
+        return len(rows)
+
+    def import_file(self, src: Path) -> tuple[int, int]:
+        """Add the entries of a file written by :meth:`export`; returns (added, already present).
+
+        Every line is checked before anything is written (its key must be the hash of its request, and it
+        must carry ``request["n"]`` completions with text, n_tokens and finish_reason), so a damaged or
+        edited file adds nothing and the error names its line.
+        """
+        try:
+            raw = src.read_bytes()
+            text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise RunStoreError(f"{src}: not a sample export ({type(e).__name__}: {e})") from None
+        entries = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as e:
+                raise RunStoreError(f"{src}, line {i}: not JSON ({e})") from None
+            problem = _entry_problem(entry) if isinstance(entry, dict) else "not an object"
+            if problem:
+                raise RunStoreError(f"{src}, line {i}: {problem}; nothing was imported")
+            entries.append(entry)
+        added = 0
+        for e in entries:
+            if self.get(e["key"]) is None:
+                self.put(e["key"], e["request"], e["completions"])
+                added += 1
+        return added, len(entries) - added
+
+
+def _entry_problem(entry: dict[str, Any]) -> str | None:
+    """What is wrong with a sample-cache entry, or None when it is sound."""
+    req, comps = entry.get("request"), entry.get("completions")
+    if not isinstance(req, dict) or not isinstance(comps, list):
+        return "needs a 'request' object and a 'completions' list"
+    if entry.get("key") != SampleCache.key(req):
+        return "its key is not the hash of its request (edited or from another format version)"
+    if req.get("n") != len(comps):
+        return f"the request asks for {req.get('n')} completions and it has {len(comps)}"
+    for c in comps:
+        if not (isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("n_tokens"), int)
+                and isinstance(c.get("finish_reason"), str)):
+            return "a completion lacks text, n_tokens or finish_reason"
+    return None
 
 
 class RunStore:
