@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -122,3 +123,26 @@ def test_exported_samples_fill_another_machines_cache_and_a_bad_file_adds_nothin
     edited.write_bytes(b"\x1f\x8b not gzip")
     out = run_cli(["samples", "import", str(edited), "--cache-dir", str(tmp_path / "third")])
     assert out.returncode != 0 and "not a sample export" in out.stderr
+
+
+def test_the_committed_gsm8k_cots_import_for_the_embedded_default(tmp_path):
+    """studies/samples holds the default model's greedy GSM8K train answers (docs/tokenskip.md): they must stay
+    importable (a change of the key format makes this fail: re-export them) and be what their requests say."""
+    from thinkpress.core.datasets import load_gsm8k
+    from thinkpress.core.models import model_identity
+    from thinkpress.core.store import SampleCache
+
+    src = Path(__file__).parents[2] / "studies" / "samples" / "qwen2.5-coder-0.5b-gsm8k-train320-greedy.jsonl.gz"
+    cache = SampleCache(tmp_path / "samples")
+    assert cache.import_file(src) == (320, 0)
+    entries = list(cache.entries())
+    train = {p.question for p in load_gsm8k("train")}
+    for e in entries:
+        req = e["request"]
+        assert req["model"] == model_identity("qwen2.5-coder-0.5b") and req["engine"] == "vllm"
+        assert req["params"]["temperature"] == 0.0 and req["seed"] is None and len(e["completions"]) == 1
+        question = req["prompt"].split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert question in train
+    # the first 320 of the seeded shuffle, as `train_data: {name: gsm8k, limit: 320, shuffle: true}` loads them
+    first = {p.question for p in load_gsm8k("train", limit=320, shuffle=True, seed=0)}
+    assert {e["request"]["prompt"].split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for e in entries} == first
