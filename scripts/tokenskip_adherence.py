@@ -8,7 +8,8 @@ paired-bootstrap interval, the adherence error |actual - gamma| and the truncati
 ``--trained-only`` keeps, in test sets drawn from a train split, only the problems whose CoT the run
 trained on (the pruner stage's examples): the fitting check next to the held-out test set.
 ``--curve FILE.png`` plots the adherence error per gamma against the number of training CoTs, one
-point per run (the data-size curve).
+point per run with the interval that the actual ratio's interval gives (the data-size curve), and
+prints the curve as a table.
 
     .venv/bin/python scripts/tokenskip_adherence.py runs/tks-e1-all-draws [more runs] [--trained-only]
 """
@@ -78,6 +79,14 @@ def adherence(run: Path, test_set: str, only: set[str] | None = None) -> list[di
     return sorted(out, key=lambda r: -r["gamma"])
 
 
+def error_ci(r: dict) -> tuple[float, float] | None:
+    """The adherence error's interval, from the actual ratio's: |ratio - gamma| over the ratio interval."""
+    if r["ratio_ci"] is None:
+        return None
+    lo, hi = (x - r["gamma"] for x in r["ratio_ci"])
+    return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi)), max(abs(lo), abs(hi)))
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| gamma | n | accuracy [95% CI] | vs base, pt [95% CI] | lost / gained (p) | mean tokens "
              "| actual ratio [95% CI] | adherence error | truncated |", "|---|---|---|---|---|---|---|---|---|"]
@@ -109,11 +118,23 @@ def main() -> None:
             if rows and name == (a.test_set or sets[0]["name"]):
                 curve.append((len(trained), run.name, rows))
     if a.curve and curve:
+        print("\n### Data-size curve\n\n| training CoTs | run | gamma | actual ratio [95% CI] "
+              "| adherence error [95% CI] |\n|---|---|---|---|---|")
+        for n, name, rows in sorted(curve):
+            for r in rows:
+                if r["gamma"] < 1:
+                    print(f"| {n} | {name} | {r['gamma']:g} | {r['actual_ratio']:.3f}{fmt_num_ci(r['ratio_ci'], 3)} "
+                          f"| {r['adherence_error']:.3f}{fmt_num_ci(error_ci(r), 3)} |")
         with figure(a.curve, 1) as (ax,):
             gammas = sorted({r["gamma"] for _, _, rows in curve for r in rows if r["gamma"] < 1}, reverse=True)
             for g in gammas:
-                pts = sorted((n, r["adherence_error"]) for n, _, rows in curve for r in rows if r["gamma"] == g)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"gamma {g:g}")
+                pts = sorted((n, r["adherence_error"], error_ci(r)) for n, _, rows in curve for r in rows
+                             if r["gamma"] == g)
+                bars = None
+                if all(p[2] for p in pts):
+                    bars = [[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]]
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=bars, fmt="o-", capsize=3,
+                            label=f"gamma {g:g}")
             ax.axhline(0.1, ls="--", c="grey", lw=1, label="target 0.1")
             ax.set_xscale("log")
             ax.set_xlabel("training CoTs")

@@ -67,3 +67,11 @@ def test_the_cli_prints_each_set_and_plots_the_data_size_curve(tmp_path):
                           "--trained-only", "--curve", str(png)], capture_output=True, text=True, check=True).stdout
     assert out.count("### run2: ") == 2 and "fit (train, trained-on problems only), 2 training CoTs" in out
     assert png.stat().st_size > 1000
+    assert "| 2 | run2 | 0.5 | 0.500 [0.500, 0.500] | 0.000 [0.000, 0.000] |" in out  # the curve as a table
+
+
+def test_the_adherence_error_interval_follows_the_ratio_interval():
+    mod = _script()
+    assert mod.error_ci({"gamma": 0.5, "ratio_ci": (0.9, 1.05)}) == pytest.approx((0.4, 0.55))
+    assert mod.error_ci({"gamma": 0.5, "ratio_ci": (0.3, 0.55)}) == pytest.approx((0.0, 0.2))  # contains gamma
+    assert mod.error_ci({"gamma": 0.5, "ratio_ci": None}) is None
