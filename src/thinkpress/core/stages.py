@@ -31,9 +31,10 @@ SINGLE_STAGES = ("sampler", "selector", "trainer")
 
 
 EVAL_ONLY: dict[str, Any] = {"eval_only": True}
-"""``json_schema_extra`` of a config field that changes only how the result is evaluated (which variants, their
-token limits), not what the stage produces: such a field is left out of the stage's cache key, so setting it
-reuses the trained stage. Example: ``Field(default=None, description=..., json_schema_extra=EVAL_ONLY)``."""
+"""``json_schema_extra`` of a config field that changes only how the result is evaluated (e.g. which variants),
+not what the stage produces: such a field is left out of the stage's cache key, so setting it reuses the trained
+stage. Example: ``Field(default=None, description=..., json_schema_extra=EVAL_ONLY)``. Mark a field when it is
+added: marking an existing field changes the keys of stages already cached."""
 
 
 class ComponentConfig(BaseModel):

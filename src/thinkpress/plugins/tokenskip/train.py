@@ -43,8 +43,7 @@ class TokenSkipSFTConfig(SFTConfig):
     eval_gammas: list[float] | None = Field(default=None, json_schema_extra=EVAL_ONLY,
                                             description="Evaluate only these trained gammas (1.0, the reference "
                                             "of the actual ratio, is kept when trained); default: every trained "
-                                            "gamma. "
-                                            "Not part of the training cache key")
+                                            "gamma. Not part of the training cache key")
 
     @field_validator("eval_gammas")
     @classmethod
