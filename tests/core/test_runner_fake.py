@@ -65,17 +65,20 @@ def test_engines_load_once_per_name_and_adapter_and_are_closed_once(tmp_path):
 
 def test_rounds_sample_with_the_previous_adapter_and_report_each_round(tmp_path):
     """rounds=2: round 2 samples on round 1's adapter (other samples, other cache keys), its trainer
-    continues that adapter, each round is in the report, and a rerun recomputes nothing."""
+    continues that adapter, each round is in the report, and a rerun recomputes nothing. The engine the
+    sampler loaded is released before each trainer runs and loads again for the next round."""
     from thinkpress.core.data import Example, TrainingSet, TrainResult
     from thinkpress.core.stages import Selector, Trainer
 
     seen: list[str | None] = []
+    loaded: list[list[str]] = []
 
     class RecordingTrainer(Trainer):  # a test double for the core's loop: writes a marker "adapter"
         name = "recording-trainer"
 
         def train(self, data, ctx):
             seen.append(ctx.adapter)
+            loaded.append(ctx.run.loaded_engines())
             out = ctx.workdir / "adapter"
             out.mkdir(parents=True, exist_ok=True)
             (out / "from.txt").write_text(str(ctx.adapter))
@@ -108,6 +111,7 @@ def test_rounds_sample_with_the_previous_adapter_and_report_each_round(tmp_path)
     runner, report = run("a")
     r1, r2 = runner.executor.rounds
     assert seen == [None, r1["adapter"]] and r1["key"] != r2["key"]
+    assert loaded == [[], []]  # the sampler's engine was released before each round's training
     assert (tmp_path / "cache" / r2["key"] / "adapter" / "from.txt").read_text() == r1["adapter"]
     st = report["stages"]
     s1, s2 = st["r1-1-sampler-rejection-sampler"], st["r2-1-sampler-rejection-sampler"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -73,6 +74,10 @@ class RunState:
                 self._engines[key] = self.engine(name=name).with_adapter(adapter)
         return self._engines[key]
 
+    def loaded_engines(self) -> list[str]:
+        """The names of the engines loaded so far (adapter views are not counted)."""
+        return [name for (name, adapter) in self._engines if not adapter]
+
     def close(self) -> None:
         """Release what the loaded engines hold (e.g. vLLM replica processes); adapter views share it."""
         for (_name, adapter), eng in self._engines.items():
@@ -80,6 +85,7 @@ class RunState:
             if close is not None and not adapter:
                 close()
         self._engines.clear()
+        gc.collect()  # vLLM's engine core holds reference cycles; free its KV cache and weights now
 
 
 @dataclass

@@ -72,6 +72,8 @@ class StageExecutor:
             meta["cached"] = True
         else:
             path.mkdir(parents=True, exist_ok=True)
+            if stage == "trainer":
+                self._release_engines(planned.name)
             t0 = time.perf_counter()
             if stage == "trainer" and self.cfg.launch.launcher != "none":
                 from thinkpress.core.launch import launch_trainer
@@ -93,6 +95,19 @@ class StageExecutor:
         self.stage_info[label] = {k: meta.get(k) for k in ("component", "plugin", "engine", "key", "wall_s", "cached",
                                                            "stats")}
         return result, key
+
+    def _release_engines(self, trainer: str) -> None:
+        """Drop the engines the earlier stages loaded before a trainer runs.
+
+        A trainer loads and trains its own copy of the model; an engine kept from sampling or scoring
+        (vLLM's KV cache and weights, the hf scorer) only adds to the training peak: a TokenSkip run on
+        320 GSM8K problems peaked at 23.0 GiB with them and a run whose sampler and scorer came from
+        the cache at 16.6 GiB. Engines load again, lazily, when evaluation or the next round needs one.
+        """
+        if self.state.loaded_engines():
+            self.ui.info(f"[trainer:{trainer}] releasing the loaded engines ({', '.join(self.state.loaded_engines())}) "
+                         "before training; they reload when needed")
+            self.state.close()
 
     def stage_key(self, stage: str, planned: Planned, input_keys: list[str]) -> str:
         """A stage's cache key: stage, component, its config (less eval-only fields), input keys, model, seed,
