@@ -91,3 +91,15 @@ def test_a_stage_on_the_fallback_engine_is_keyed_by_the_run_engine_it_samples_on
     assert stage_engine_identity(vl, "vllm") == ["vllm", {}]
     # the KL refiner scores on hf in both runs but draws its candidates on the run's engine: different keys
     assert stage_engine_identity(vl, "hf") == ["generator", "vllm", {}] != stage_engine_identity(hf, "hf")
+
+
+def test_a_component_checks_its_config_against_the_other_planned_components_before_the_run():
+    """check_plan: TokenSkip's trainer refuses to evaluate a ratio its pruner does not train, at plan time."""
+    reg = _registry()
+    only_half = "components.tokenskip.gammas=[0.5]"
+    plan = _plan(reg, ["tokenskip"], "fake", only_half, "components.tokenskip-sft.eval_gammas=[0.5, 1.0]")
+    assert plan.trainer.instance.config.eval_gammas == [0.5, 1.0]
+    with pytest.raises(ConfigError, match=r"components\.tokenskip-sft\.eval_gammas: \[0\.7\] would not be trained; "
+                                          r"components\.tokenskip\.gammas trains \[0\.5, 1\.0\]"):
+        _plan(reg, ["tokenskip"], "fake", only_half, "components.tokenskip-sft.eval_gammas=[0.7]")
+    _plan(reg, ["tokenskip"], "fake", "components.tokenskip-sft.eval_gammas=[0.7]")  # the default gammas train it

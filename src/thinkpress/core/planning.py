@@ -177,6 +177,8 @@ def resolve_plan(cfg: RunConfig, reg: Registry) -> Plan:
     )
     for planned in plan.active():
         planned.instance.check(reg)
+    for planned in plan.active():
+        planned.instance.check_plan(plan)
     plan.engines = assign_engines(plan, cfg, reg)
     return plan
 

@@ -77,6 +77,17 @@ class Component(ABC):  # noqa: B024 - the stage bases declare the abstract metho
         """
         return None
 
+    def check_plan(self, plan: Any) -> None:
+        """Check this component's config against the other components of the run, before the run starts.
+
+        Called once per planned component after every component's :meth:`check`, with the
+        :class:`~thinkpress.core.planning.Plan` (its ``sampler``, ``selector``, ``refiners``,
+        ``trace_pruners``, ``trainer`` and ``kv_pruners`` hold the planned components as ``.instance``).
+        Raise :class:`~thinkpress.core.errors.ConfigError` naming the key path (e.g. a trainer asked to
+        evaluate a ratio its pruner does not train). Default: nothing to check.
+        """
+        return None
+
     def report_extras(self, result: TestSetResult, out_dir: Path) -> list[str]:
         """Add method-specific metrics to the evaluation rows and files under ``out_dir``.
 

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 
 from thinkpress.api import (
     EVAL_ONLY,
+    ConfigError,
     EvalVariant,
     StageContext,
     TestSetResult,
@@ -154,6 +155,23 @@ class TokenSkipSFT(Trainer):
             drawn[f"{e.meta['gamma']:g}"] = drawn.get(f"{e.meta['gamma']:g}", 0) + 1
         result.metrics["examples_per_gamma"] = drawn
         return result
+
+    def check_plan(self, plan) -> None:
+        """``eval_gammas`` must be ratios the planned TokenSkip pruner trains (1.0 always may be named).
+
+        Without such a pruner in the plan (another component made the data), the trained ratios are known
+        only from the data, so :meth:`eval_variants` checks them after training.
+        """
+        wanted = self.config.eval_gammas
+        pruners = [p.instance for p in plan.trace_pruners if hasattr(p.instance, "all_gammas")]
+        if wanted is None or not pruners:
+            return
+        trained = {1.0} | {g for p in pruners for g in p.all_gammas()}
+        missing = [g for g in wanted if not any(abs(g - t) < 1e-9 for t in trained)]
+        if missing:
+            names = " / ".join(f"components.{p.name}.gammas" for p in pruners)
+            raise ConfigError(f"components.{self.name}.eval_gammas: {missing} would not be trained; {names} "
+                              f"trains {sorted(trained)}")
 
     def eval_variants(self, ctx: StageContext) -> list[EvalVariant]:
         tags = json.loads((ctx.workdir / TAGS_FILE).read_text())
