@@ -50,7 +50,7 @@ _SCRIPT = textwrap.dedent("""
         for case, (params, n) in cases.items():
             if which == "vllm-raw":
                 from thinkpress.core.engines.vllm import _sampling_params
-                llm = engine.backend.llm
+                llm = engine.backend.get().llm
                 sps = [_sampling_params(params, n, None if params.greedy else s, False, engine.eos_ids) for s in seeds]
                 reqs = [{"prompt_token_ids": engine._encode(p)} for p in prompts]
                 t0 = time.perf_counter()

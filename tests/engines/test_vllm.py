@@ -119,6 +119,21 @@ def test_lora_adapter_is_served_unmerged_and_matches_hf(vllm_engine, hf_fp32, pr
         vllm_engine.with_adapter(str(tmp_path))
 
 
+def test_vllm_starts_at_the_first_generate_not_for_prompts_or_token_counts(vllm_cfg, vllm_engine):
+    """A stage answered from the sample cache builds prompts and counts tokens only: that must not load the model."""
+    from thinkpress.core.engines.vllm import build_vllm_engine
+
+    fresh = build_vllm_engine(vllm_cfg)
+    prompt = fresh.chat_prompt("What is 2 + 3?")
+    assert prompt == vllm_engine.chat_prompt("What is 2 + 3?")
+    assert fresh.count_tokens(prompt) == vllm_engine.count_tokens(prompt) > 5
+    assert not fresh.backend.started
+    fresh.close()  # closing an engine that never started is a no-op
+    assert not fresh.backend.started
+    vllm_engine.generate([prompt], GenParams(max_new_tokens=2))
+    assert vllm_engine.backend.started
+
+
 def test_kv_policies_are_refused(vllm_engine):
     class Evicting(KVPolicy):
         name = "evicting"
@@ -175,6 +190,7 @@ def test_data_parallel_replicas_give_the_single_replica_outputs(vllm_engine, pro
     dp = build_vllm_engine(cfg)
     try:
         got = [r[0].token_ids for r in dp.generate(prompts, params)]
+        procs = dp.backend.get().procs
         sampled = dp.generate(prompts[:2], GenParams(max_new_tokens=16, temperature=1.0), n=2, seeds=[3, 4])
     finally:
         dp.close()
@@ -184,7 +200,7 @@ def test_data_parallel_replicas_give_the_single_replica_outputs(vllm_engine, pro
         [c.token_ids for c in r] for r in vllm_engine.generate(prompts[:2], GenParams(max_new_tokens=16,
                                                                                         temperature=1.0),
                                                                n=2, seeds=[3, 4])]
-    assert dp.backend.procs and not any(p.is_alive() for p in dp.backend.procs)
+    assert len(procs) == 2 and not any(p.is_alive() for p in procs) and not dp.backend.started
 
 
 @pytest.mark.slow

