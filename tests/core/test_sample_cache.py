@@ -146,3 +146,21 @@ def test_the_committed_gsm8k_cots_import_for_the_embedded_default(tmp_path):
     # the first 320 of the seeded shuffle, as `train_data: {name: gsm8k, limit: 320, shuffle: true}` loads them
     first = {p.question for p in load_gsm8k("train", limit=320, shuffle=True, seed=0)}
     assert {e["request"]["prompt"].split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for e in entries} == first
+
+
+def test_import_notes_samples_this_machine_would_not_reuse():
+    """Sample keys hold the engine and dtype: bf16 samples are not reused on a CPU where dtype auto means fp32.
+    The import says so, with the --set that makes a run reuse them."""
+    from thinkpress.core.cli import _foreign_samples_note
+    from thinkpress.core.config import build_config
+
+    here = build_config(sets=["engine=auto", "dtype=auto"])
+    mine = {"engine": here.engine, "dtype": here.dtype}
+    assert _foreign_samples_note([mine, mine]) is None
+    other_dtype = "float16" if here.dtype != "float16" else "float32"
+    note = _foreign_samples_note([mine, {**mine, "dtype": other_dtype}, {"engine": "fake", "dtype": here.dtype}])
+    lines = note.splitlines()
+    assert len(lines) == 2
+    assert any(f"1 of them were decoded with engine {here.engine!r} in {other_dtype}" in ln
+               and ln.endswith(f"only with --set dtype={other_dtype}") for ln in lines)
+    assert any(ln.endswith("only with --set engine=fake") for ln in lines)

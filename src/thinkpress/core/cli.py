@@ -359,14 +359,46 @@ def samples_export(file, cache_dir, model):
 @click.argument("file", type=click.Path(dir_okay=False, exists=True))
 @_CACHE_DIR
 def samples_import(file, cache_dir):
-    """Add the completions in FILE (from `core samples export`) to the sample cache; checked before any write."""
+    """Add the completions in FILE (from `core samples export`) to the sample cache; checked before any write.
+
+    A run reuses an entry only when its request matches exactly, engine and dtype included: entries
+    decoded with another engine or dtype than this machine's defaults resolve to are counted in a note.
+    """
     from thinkpress.core.store import SampleCache
 
     try:
-        added, present = SampleCache(Path(cache_dir) / "samples").import_file(Path(file))
+        entries = SampleCache.read_export(Path(file))
+        added, present = SampleCache(Path(cache_dir) / "samples").add(entries)
     except ThinkpressError as e:
         _fail(e)
     click.echo(f"added {added} requests' completions to {cache_dir}/samples ({present} already there)")
+    note = _foreign_samples_note([e["request"] for e in entries])
+    if note:
+        click.echo(note)
+
+
+def _foreign_samples_note(requests: list[dict]) -> str | None:
+    """A note when imported requests name an engine or dtype other than what ``engine: auto`` and ``dtype: auto``
+    resolve to here (e.g. bf16 samples on a CPU without native bf16, where runs use fp32): runs reuse those
+    only when told to use that engine and dtype."""
+    from collections import Counter
+
+    from thinkpress.core.config import build_config
+
+    try:
+        here = build_config(sets=["engine=auto", "dtype=auto"])
+    except ThinkpressError:
+        return None
+    other = Counter((r.get("engine"), r.get("dtype")) for r in requests
+                    if (r.get("engine"), r.get("dtype")) != (here.engine, here.dtype))
+    lines = []
+    for (engine, dtype), n in sorted(other.items(), key=str):
+        sets = [f"--set {k}={v}" for k, v, mine in (("engine", engine, here.engine), ("dtype", dtype, here.dtype))
+                if v != mine]
+        lines.append(f"note: {n} of them were decoded with engine {engine!r} in {dtype}; here engine auto resolves "
+                     f"to {here.engine!r} and dtype auto to {here.dtype}, so runs reuse them only with "
+                     + " ".join(sets))
+    return "\n".join(lines) or None
 
 
 def _add_plugin_commands() -> None:

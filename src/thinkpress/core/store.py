@@ -185,10 +185,24 @@ class SampleCache:
     def import_file(self, src: Path) -> tuple[int, int]:
         """Add the entries of a file written by :meth:`export`; returns (added, already present).
 
-        Every line is checked before anything is written (its key must be the hash of its request, and it
-        must carry ``request["n"]`` completions with text, n_tokens and finish_reason), so a damaged or
-        edited file adds nothing and the error names its line.
+        Every line is checked before anything is written (:meth:`read_export`), so a damaged or edited
+        file adds nothing and the error names its line.
         """
+        return self.add(self.read_export(src))
+
+    def add(self, entries: list[dict[str, Any]]) -> tuple[int, int]:
+        """Store checked entries (from :meth:`read_export`) not already present; returns (added, already present)."""
+        added = 0
+        for e in entries:
+            if self.get(e["key"]) is None:
+                self.put(e["key"], e["request"], e["completions"])
+                added += 1
+        return added, len(entries) - added
+
+    @staticmethod
+    def read_export(src: Path) -> list[dict[str, Any]]:
+        """The entries of a file written by :meth:`export`, each checked: its key must be the hash of its
+        request, and it must carry ``request["n"]`` completions with text, n_tokens and finish_reason."""
         try:
             raw = src.read_bytes()
             text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8")
@@ -206,12 +220,7 @@ class SampleCache:
             if problem:
                 raise RunStoreError(f"{src}, line {i}: {problem}; nothing was imported")
             entries.append(entry)
-        added = 0
-        for e in entries:
-            if self.get(e["key"]) is None:
-                self.put(e["key"], e["request"], e["completions"])
-                added += 1
-        return added, len(entries) - added
+        return entries
 
 
 def _entry_problem(entry: dict[str, Any]) -> str | None:
