@@ -64,6 +64,24 @@ def test_every_shipped_study_builds_a_valid_config_for_each_variant(study_file, 
     assert len(cfgs) == len(variants) >= 2 and (study.control is None or study.control in cfgs)
     runs = {json.dumps(c.model_dump(mode="json", exclude={"out"}), sort_keys=True) for c in cfgs.values()}
     assert len(runs) == len(cfgs)  # no two variants are the same run under two names
+    # each variant differs from the control only where it says: a dict-valued set (`key: {a: 1}`) replaces the
+    # whole value at `key`, silently dropping the base's other settings there (`key.a: 1` changes one leaf)
+    control = study.control or variants[0][0]
+    ref = dict(_leaves(cfgs[control].model_dump(mode="json", exclude={"out"})))
+    for name, sets in variants:
+        got = dict(_leaves(cfgs[name].model_dump(mode="json", exclude={"out"})))
+        said = [k for k, _ in _leaves(sets)]
+        changed = [k for k in set(ref) | set(got) if ref.get(k) != got.get(k)]
+        assert all(any(k == s or k.startswith(s + ".") for s in said) for k in changed), (name, sorted(changed))
+
+
+def _leaves(d, prefix: str = ""):
+    """(dotted key path, JSON value) for every leaf of a nested dict; lists are leaves."""
+    if isinstance(d, dict) and d:
+        for k, v in d.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, json.dumps(d, sort_keys=True)
 
 
 def test_bad_study_files_name_the_key_path(tmp_path, doubles):
