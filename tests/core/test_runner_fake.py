@@ -122,6 +122,11 @@ def test_rounds_sample_with_the_previous_adapter_and_report_each_round(tmp_path)
     assert names == ["base", "trained@round1", "trained"]
     md = (tmp_path / "a" / "report.md").read_text()
     assert "## Rounds" in md and "| 2 | 128 |" in md
+    # the engines each stage used: the sampler the fake engine, the trainer (its own "model") none
+    assert s1["engine"] == "fake" and st["r2-3-trainer-recording-trainer"]["engine"] == "none"
+    assert st["r1-2-selector-keep-all"]["engine"] == "none"
+    assert report["plan"]["engines"]["trainer recording-trainer"] == "fake"  # assigned, never asked for
+    assert "sampler rejection-sampler: `fake`" in md and "trainer recording-trainer: `none`" in md
     # the same config again: every stage of both rounds comes from the cache, the trainer never runs
     seen.clear()
     _, again = run("b")

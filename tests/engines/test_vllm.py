@@ -214,5 +214,6 @@ def test_smoke_run_on_vllm_trains_and_evaluates_with_lora(tmp_path):
     assert rep["plan"]["engines"] == {"sampler rejection-sampler": "vllm", "selector keep-correct": "vllm",
                                       "trainer lora-sft": "vllm", "evaluation": "vllm"}
     assert {v["name"] for v in rep["variants"]} == {"base", "trained"}
-    assert "engines: sampler rejection-sampler: `vllm`" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "engines: sampler rejection-sampler: `vllm`" in md and "trainer lora-sft: `none`" in md
     assert any("vllm" in n for n in rep["nondeterminism"])

@@ -102,6 +102,8 @@ class StageContext:
     """Counters a component records (they land in the stage's meta.json and report.json)."""
     engine_name: str | None = None
     """The engine the plan assigned to this stage (None: the run's ``engine``)."""
+    engine_used: bool = False
+    """Whether the stage asked for :attr:`engine` (a stage that asked for neither engine is reported as using none)."""
     generator_used: bool = False
     """Whether the stage generated on :attr:`generator` (the report names that engine too)."""
     adapter: str | None = None
@@ -119,6 +121,7 @@ class StageContext:
     @property
     def engine(self) -> Engine:
         """The engine assigned to this stage, with the capabilities its component declared it needs."""
+        self.engine_used = True
         return self.run.engine(self.adapter, name=self.engine_name)
 
     @property

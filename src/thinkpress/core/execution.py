@@ -86,8 +86,7 @@ class StageExecutor:
             wall = time.perf_counter() - t0
             self._save_output(stage, path, result)
             meta = {"stage": stage, "component": planned.name, "plugin": planned.entry.plugin, "key": key,
-                    "engine": engine if not ctx.generator_used or engine == self.cfg.engine
-                    else f"{engine} (samples: {self.cfg.engine})",
+                    "engine": self._engine_label(engine, ctx),
                     "inputs": input_keys, "config": comp.config.model_dump(mode="json"), "wall_s": wall,
                     "peak_rss_mb_process": peak_rss_mb(), "stats": ctx.stats, "cached": False}
             atomic_write_json(path / "meta.json", meta)  # the completion marker: written last
@@ -95,6 +94,13 @@ class StageExecutor:
         self.stage_info[label] = {k: meta.get(k) for k in ("component", "plugin", "engine", "key", "wall_s", "cached",
                                                            "stats")}
         return result, key
+
+    def _engine_label(self, engine: str, ctx: StageContext) -> str:
+        """The engine(s) a finished stage used: the assigned one, the run's for samples drawn on
+        ``ctx.generator``, or ``none`` (a trainer that loads its own model copy)."""
+        if ctx.generator_used and engine != self.cfg.engine:
+            return f"{engine} (samples: {self.cfg.engine})" if ctx.engine_used else self.cfg.engine
+        return engine if ctx.engine_used or ctx.generator_used else "none"
 
     def _release_engines(self, trainer: str) -> None:
         """Drop the engines the earlier stages loaded before a trainer runs.

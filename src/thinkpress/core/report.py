@@ -163,8 +163,8 @@ def write_report(run: RunResult) -> dict[str, Any]:
         plot(results, out / "plot.png")
     md = [f"# thinkpress run: {', '.join(cfg.plugins)}", "",
           f"- model: `{cfg.model}`  ",
-          "- engines: " + (", ".join(f"{what}: `{eng}`" for what, eng in run.plan.engines.items())
-                           or f"`{cfg.engine}`") + "  ",
+          "- engines: " + (", ".join(f"{what}: `{_used_engine(run.stages, what, eng)}`"
+                                     for what, eng in run.plan.engines.items()) or f"`{cfg.engine}`") + "  ",
           "- test sets: " + ", ".join(f"`{ts.name}` ({ts.spec.split}, n={len(ts.problems)})" for ts in sets) + "  ",
           f"- config hash: `{report['config_hash']}`  ",
           f"- wall time: {run.timings.get('total_s', 0):.0f} s (training stages "
@@ -192,6 +192,14 @@ def write_report(run: RunResult) -> dict[str, Any]:
                       f"{s['cached']} | {stats} |")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return report
+
+
+def _used_engine(stages: dict[str, Any], what: str, assigned: str) -> str:
+    """The engine a planned stage (``"<stage> <component>"``) used by its stage records (``none`` when every
+    round's stage used none, e.g. a trainer with its own model copy), else the one the plan assigned."""
+    stage, _, name = what.partition(" ")
+    used = {s.get("engine") for label, s in stages.items() if label.endswith(f"-{stage}-{name}")}
+    return "none" if used == {"none"} else assigned
 
 
 def rounds_table(stages: dict[str, Any], rounds: int) -> list[str]:
