@@ -74,3 +74,16 @@ def test_dtype_auto_is_bf16_only_where_bf16_is_native(monkeypatch, tmp_path):
     monkeypatch.undo()
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     assert models.cpu_has_fast_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_a_float32_run_on_a_cpu_without_native_bf16_is_told_to_expect_slower_timings(monkeypatch):
+    from thinkpress.core import models
+    from thinkpress.core.config import build_config
+
+    cfg = build_config(preset="smoke", sets=["dtype=float32", "device=cpu"])
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert "no native bf16" in models.slow_cpu_dtype_note(cfg) and "4x" in models.slow_cpu_dtype_note(cfg)
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: True)
+    assert models.slow_cpu_dtype_note(cfg) is None
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: False)
+    assert models.slow_cpu_dtype_note(build_config(preset="smoke", sets=["dtype=bfloat16", "device=cpu"])) is None

@@ -217,6 +217,16 @@ def resolve_dtype(dtype: str, device: str = "auto") -> str:
     return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
+def slow_cpu_dtype_note(cfg) -> str | None:
+    """A note for a run in float32 on a CPU without native bf16: the README's timings are for one that has it."""
+    import torch
+
+    if cfg.dtype != "float32" or str(resolve_device(cfg.device)) != "cpu" or cpu_has_fast_bf16():
+        return None
+    return (f"this CPU has no native bf16 (AVX512-BF16 or AMX), so the run is in float32 on {torch.get_num_threads()} "
+            "threads: expect about 4x the README's timings, which were measured on one that has it")
+
+
 def resolve_device(device: str):
     """``auto``: CUDA when available, else CPU."""
     import torch

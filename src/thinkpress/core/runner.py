@@ -14,7 +14,7 @@ from thinkpress.core.evaluator import Evaluator
 from thinkpress.core.execution import StageExecutor
 from thinkpress.core.files import atomic_write_json
 from thinkpress.core.manifest import manifest, nondeterminism, peak_rss_mb
-from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path
+from thinkpress.core.models import EMBEDDED_MODELS, model_identity, resolve_model_path, slow_cpu_dtype_note
 from thinkpress.core.planning import TestSet, load_problems, resolve_plan
 from thinkpress.core.plugins import Registry, get_registry
 from thinkpress.core.results import RunResult, TestSetResult, VariantResult
@@ -88,6 +88,8 @@ class Runner:
             atomic_write_json(self.store.dir / "manifest.json", info)
             self.ui.info(f"run directory {self.store.dir} ({'resuming' if resumed else 'new'}); "
                          f"plan: {self.plan.describe()}")
+            if note := slow_cpu_dtype_note(cfg):
+                self.ui.info(note)
             t0 = time.perf_counter()
             result, train_key, trainer = self.executor.train(self.plan, self.train_problems)
             self.timings["train_s"] = time.perf_counter() - t0
