@@ -399,7 +399,9 @@ def test_tokenskip_smoke_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     args = ["run", "--plugins", "tokenskip", "--preset", "smoke", "--out", str(out), "--quiet",
             "--set", "test_data.limit=8", "--set", "components.tokenskip.gammas=[0.8, 0.5]",
-            "--set", "components.tokenskip-sft.epochs=1"]
+            "--set", "components.tokenskip-sft.epochs=1",
+            # one sampling batch and shorter evaluation answers: CI time is in decode steps (~0.2 s each here)
+            "--set", "components.greedy-sampler.batch_size=96", "--set", "eval.generation.max_new_tokens=64"]
     r = run_cli(args, env=cli_env(), timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())

@@ -387,7 +387,10 @@ def test_dpo_l_training_prefers_the_short_chosen_answers(tmp_path, smollm_path):
 @pytest.mark.slow
 def test_tokensqueeze_smoke_run_end_to_end(tmp_path):
     out = tmp_path / "run"
-    r = run_cli(["run", "--plugins", "tokensqueeze", "--preset", "smoke", "--out", str(out), "--quiet"],
+    # the smoke preset, with fewer pairs per problem and shorter evaluation answers: each decode step of
+    # SmolLM2 costs ~0.2 s in fp32 on a 2-core AVX2 CPU whatever the batch, so CI time is in steps
+    r = run_cli(["run", "--plugins", "tokensqueeze", "--preset", "smoke", "--out", str(out), "--quiet",
+                 "--set", "components.q-dyn.max_pairs=2", "--set", "eval.generation.max_new_tokens=64"],
                 env=cli_env(), timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
