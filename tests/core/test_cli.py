@@ -91,15 +91,20 @@ def test_ui_messages_and_errors_keep_square_brackets():
 
 
 def test_plan_prints_each_stage_with_its_plugin_and_config_and_runs_nothing(tmp_path):
-    res = run_cli(["plan", "--plugins", "tokensqueeze,rkv", "--set", "components.kl-step.epsilon=0.01", "--json"])
+    res = run_cli(["plan", "--plugins", "tokensqueeze,rkv", "--json"])
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     steps = [(s["stage"], s["component"], s["plugin"]) for s in plan["steps"]]
-    # the default preset's selector for tokensqueeze is fixed-quantile (chosen on GSM8K validation)
+    # the default preset's tokensqueeze recipe: selector fixed-quantile and no refiner (both chosen on GSM8K
+    # validation); the refiner comes back with stages.refiners
     assert steps == [("sampler", "self-sampler", "tokensqueeze"), ("selector", "fixed-quantile", "tokensqueeze"),
-                     ("refiner", "kl-step", "tokensqueeze"), ("trainer", "dpo-l", "tokensqueeze"),
-                     ("kv pruner", "rkv", "rkv")]
-    assert plan["steps"][2]["config"]["epsilon"] == 0.01 and plan["steps"][4]["config"]["budgets"] == [64, 128]
+                     ("trainer", "dpo-l", "tokensqueeze"), ("kv pruner", "rkv", "rkv")]
+    assert plan["steps"][3]["config"]["budgets"] == [64, 128]
+    res = run_cli(["plan", "--plugins", "tokensqueeze", "--set", "stages.refiners=[kl-step]",
+                   "--set", "components.kl-step.epsilon=0.01", "--json"])
+    assert res.returncode == 0, res.stderr
+    refiner = json.loads(res.stdout)["steps"][2]
+    assert (refiner["stage"], refiner["component"], refiner["config"]["epsilon"]) == ("refiner", "kl-step", 0.01)
     assert [t["name"] for t in plan["test_sets"]] == ["gsm8k", "arith"]
     res = run_cli(["plan", "--plugins", "nope"])
     assert res.returncode == 2 and "unknown plugin 'nope'" in res.stderr

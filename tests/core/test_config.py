@@ -122,6 +122,7 @@ def test_presets_come_from_the_plugins_that_own_the_components():
     squeeze = build_config(overrides={"plugins": ["tokensqueeze"]})  # the main job: real problems, chosen selector
     assert (squeeze.train_data.name, squeeze.train_data.split, squeeze.train_data.limit) == ("gsm8k", "train", 12)
     assert squeeze.stages.selector == "fixed-quantile" and squeeze.components["self-sampler"]["n"] == 32
+    assert squeeze.stages.refiners == [] and squeeze.engine_options["vllm"]["chunk_size"] == 320
     assert [d.name for d in squeeze.test_data] == ["gsm8k", "arith"] and squeeze.test_data[0].split == "test"
     assert build_config(overrides={"plugins": ["tokensqueeze"]}, sets=["stages.selector=q-dyn"]).stages.selector \
         == "q-dyn"
@@ -172,6 +173,7 @@ def test_the_paper_scale_config_file_is_valid_before_any_work(tmp_path):
     cfg = build_config(config_file=paper, overrides={"plugins": ["tokensqueeze"]},
                        sets=[f"out={tmp_path / 'run'}", f"test_data.0.path={tmp_path}"])
     assert cfg.model == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" and cfg.stages.selector == "q-dyn"
+    assert cfg.stages.refiners == ["kl-step"]  # the paper's whole method, not the CPU preset's recipe
     assert cfg.components["kl-step"]["n_candidates"] == 64 and cfg.components["q-dyn"]["max_pairs"] == 64
     assert cfg.train_data.limit == 2000 and [d.name for d in cfg.test_data] == ["math500", "gsm8k"]
     try:
