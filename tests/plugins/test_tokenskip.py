@@ -400,6 +400,9 @@ def test_tokenskip_smoke_run_end_to_end(tmp_path):
     args = ["run", "--plugins", "tokenskip", "--preset", "smoke", "--out", str(out), "--quiet",
             "--set", "test_data.limit=8", "--set", "components.tokenskip.gammas=[0.8, 0.5]",
             "--set", "components.tokenskip-sft.epochs=1",
+            # every kept CoT at all three ratios: the pruner's per-gamma stats below then hold each gamma whenever
+            # SmolLM2 gets at least one answer right, not only when the seeded draws happen to cover all three
+            "--set", "components.tokenskip.draws_per_example=3",
             # one sampling batch and shorter evaluation answers: CI time is in decode steps (~0.2 s each here)
             "--set", "components.greedy-sampler.batch_size=96", "--set", "eval.generation.max_new_tokens=64"]
     r = run_cli(args, env=cli_env(), timeout=1500)
