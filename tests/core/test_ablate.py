@@ -75,6 +75,27 @@ def test_every_shipped_study_builds_a_valid_config_for_each_variant(study_file, 
         assert all(any(k == s or k.startswith(s + ".") for s in said) for k in changed), (name, sorted(changed))
 
 
+@pytest.mark.parametrize("study_file", sorted((HERE.parents[1] / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_study_bases_keep_the_preset_values_they_do_not_name(study_file, tmp_path):
+    # `key: {a: 1}` in a study's base replaces the preset's whole mapping at `key`: the tokenskip-knobs control
+    # once lost the preset's lr 5e-4 that way and trained at the component default 5e-5 for an hour. A base must
+    # resolve to the same config as its mappings spelled out leaf by leaf (`key.a: 1`), which keep the rest.
+    study = ablate.load_study(study_file)
+    leafwise = {}
+    for k, v in study.base.set.items():
+        if isinstance(v, dict) and v:
+            leafwise.update({f"{k}.{leaf}": json.loads(val) for leaf, val in _leaves(v)})
+        else:
+            leafwise[k] = v
+    spelled = study.model_copy(update={"base": study.base.model_copy(update={"set": leafwise})})
+    name = study.control or ablate.expand(study)[0][0]
+    sets = dict(ablate.expand(study))[name]
+    as_written = ablate.variant_config(study, study_file, tmp_path, name, sets).model_dump(mode="json")
+    leaf_by_leaf = ablate.variant_config(spelled, study_file, tmp_path, name, sets).model_dump(mode="json")
+    dropped = [k for k, v in _leaves(leaf_by_leaf) if dict(_leaves(as_written)).get(k) != v]
+    assert not dropped, f"{study_file.name}: the base's mappings drop preset values at {sorted(dropped)}"
+
+
 def _leaves(d, prefix: str = ""):
     """(dotted key path, JSON value) for every leaf of a nested dict; lists are leaves."""
     if isinstance(d, dict) and d:
