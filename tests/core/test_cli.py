@@ -108,3 +108,12 @@ def test_plan_prints_each_stage_with_its_plugin_and_config_and_runs_nothing(tmp_
     assert [t["name"] for t in plan["test_sets"]] == ["gsm8k", "arith"]
     res = run_cli(["plan", "--plugins", "nope"])
     assert res.returncode == 2 and "unknown plugin 'nope'" in res.stderr
+
+
+def test_plan_notes_on_stderr_what_a_set_mapping_drops():
+    res = run_cli(["plan", "--plugins", "tokenskip", "--set", "components.tokenskip-sft={epochs: 5}"])
+    assert res.returncode == 0, res.stderr
+    assert "note: components.tokenskip-sft={...} replaces" in res.stderr and "lr=0.0005" in res.stderr
+    assert "note:" not in res.stdout
+    res = run_cli(["plan", "--plugins", "tokenskip", "--set", "components.tokenskip-sft.epochs=5"])
+    assert res.returncode == 0 and "note:" not in res.stderr

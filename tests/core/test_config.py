@@ -182,3 +182,24 @@ def test_the_paper_scale_config_file_is_valid_before_any_work(tmp_path):
         assert "vLLM" in str(e)
         return
     assert len(runner.train_problems) == 2000 and [len(t.problems) for t in runner.test_sets] == [1, 500]
+
+
+def test_a_set_mapping_that_drops_preset_values_is_named_in_a_note():
+    # the tokenskip default preset sets tokenskip-sft lr 5e-4; a mapping-valued --set replaces the whole mapping
+    notes: list[str] = []
+    cfg = build_config(preset="default", sets=["plugins=[tokenskip]", "components.tokenskip-sft={epochs: 5}"],
+                       notes=notes)
+    assert cfg.components["tokenskip-sft"] == {"epochs": 5}  # the replace itself is unchanged: it is what was asked
+    assert len(notes) == 1 and "components.tokenskip-sft" in notes[0] and "lr=0.0005" in notes[0]
+    assert "epochs" not in notes[0].split("dropping")[1]  # only what was dropped, not what was set
+    leafwise: list[str] = []
+    cfg = build_config(preset="default", sets=["plugins=[tokenskip]", "components.tokenskip-sft.epochs=5"],
+                       notes=leafwise)
+    sft = cfg.components["tokenskip-sft"]
+    assert leafwise == [] and sft["lr"] == 5e-4 and sft["epochs"] == 5
+    # a mapping over nothing, or one that names every key already there, drops nothing
+    none: list[str] = []
+    sets = ["plugins=[tokenskip]", "components.cot-filter={max_tokens: 400}",
+            "components.greedy-sampler={max_new_tokens: 400, batch_size: 160}"]
+    build_config(preset="default", sets=sets, notes=none)
+    assert none == []

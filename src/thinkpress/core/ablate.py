@@ -171,8 +171,8 @@ def expand(study: Study) -> list[tuple[str, dict[str, Any]]]:
 
 
 def variant_config(study: Study, study_file: Path, out: Path, name: str, sets: dict[str, Any],
-                   registry=None) -> RunConfig:
-    """The run config of one variant (errors name the variant and the key path)."""
+                   registry=None, notes: list[str] | None = None) -> RunConfig:
+    """The run config of one variant (errors name the variant and the key path; ``notes``: see build_config)."""
     merged = {**study.base.set, **sets}
     overrides: dict[str, Any] = {"out": str(out / "runs" / _slug(name))}
     if study.base.plugins is not None and "plugins" not in merged:
@@ -187,7 +187,7 @@ def variant_config(study: Study, study_file: Path, out: Path, name: str, sets: d
     registry = registry or get_registry()
     try:
         cfg = build_config(preset=study.base.preset, config_file=cfg_file, overrides=overrides, sets=set_exprs,
-                           registry=registry)
+                           registry=registry, notes=notes)
         resolve_plan(cfg, registry)  # component configs and engine capabilities, before any variant runs
         return cfg
     except ConfigError as e:
@@ -244,6 +244,14 @@ def _clear_stale_run(name: str, cfg: RunConfig, echo) -> None:
         shutil.rmtree(d)
 
 
+def _echo_base_notes(study: Study, study_file: Path, out: Path, reg, echo) -> None:
+    """Show once what the base's mapping-valued keys drop from the preset (build_config's notes)."""
+    notes: list[str] = []
+    variant_config(study, study_file, out, "base", {}, reg, notes=notes)
+    for n in notes:
+        echo(f"note: {n}")
+
+
 def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, executor: str = "local",
               quiet: bool = True, only: list[str] | None = None, echo=print) -> dict[str, Any]:
     """Run (or resume) every variant, then write study.json, study.md and pareto.png into ``out``.
@@ -258,6 +266,7 @@ def run_study(study: Study, study_file: Path, out: Path, *, workers: int = 1, ex
     variants = expand(study)
     reg = study_registry(study.plugin_modules)
     cfgs = {name: variant_config(study, study_file, out, name, sets, reg) for name, sets in variants}  # checked first
+    _echo_base_notes(study, study_file, out, reg, echo)
     selected = None
     if only:
         unknown = [n for n in only if n not in cfgs]
@@ -348,6 +357,7 @@ def dry_run(study: Study, study_file: Path, out: Path, echo=print) -> list[dict[
     """Print the variants, their overrides and which training stages each shares with others."""
     variants = expand(study)
     reg = study_registry(study.plugin_modules)
+    _echo_base_notes(study, study_file, out, reg, echo)
     rows = []
     keys: dict[str, dict[str, str]] = {}
     for name, sets in variants:

@@ -73,13 +73,20 @@ def _execute(overrides: dict, preset, config_file, sets, overwrite, quiet) -> No
     from thinkpress.core.runner import Runner
 
     try:
-        cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets))
+        notes: list[str] = []
+        cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets), notes=notes)
+        _echo_notes(notes)
         runner = Runner(cfg, ui=UI(quiet=quiet), overwrite=overwrite)
         report = runner.run()
     except ThinkpressError as e:
         _fail(e)
     _print_report(report, cfg)
     click.echo(f"report: {runner.store.dir / 'report.md'}")
+
+
+def _echo_notes(notes: list[str]) -> None:
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
 
 
 def _print_report(report: dict, cfg) -> None:
@@ -272,7 +279,10 @@ def plan_cmd(plugins, preset, config_file, sets, as_json):
     try:
         reg = get_registry()
         overrides = {"plugins": [p.strip() for p in plugins.split(",") if p.strip()]} if plugins else {}
-        cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets), registry=reg)
+        notes: list[str] = []
+        cfg = build_config(preset=preset, config_file=config_file, overrides=overrides, sets=list(sets), registry=reg,
+                           notes=notes)
+        _echo_notes(notes)
         plan = resolve_plan(cfg, reg)
     except ThinkpressError as e:
         _fail(e)

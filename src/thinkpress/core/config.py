@@ -296,6 +296,24 @@ def apply_set(d: dict | list, path: list[str], value: Any) -> None:
     cur[last] = value
 
 
+def _dropped_note(data: dict, path: list[str], value: dict) -> str | None:
+    """What ``--set path={...}`` drops from the mapping already at ``path`` (None when nothing)."""
+    cur: Any = data
+    for part in path:
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    if not isinstance(cur, dict):
+        return None
+    dropped = {k: v for k, v in cur.items() if k not in value}
+    if not dropped:
+        return None
+    key = ".".join(path)
+    return (f"{key}={{...}} replaces the whole mapping at {key}, dropping "
+            f"{', '.join(f'{k}={v!r}' for k, v in dropped.items())}; set {key}.KEY=VALUE one key at a time "
+            "to keep the others")
+
+
 def format_validation_error(e: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in e.errors():
@@ -317,8 +335,14 @@ def build_config(
     overrides: dict | None = None,
     sets: list[str] | None = None,
     registry: Registry | None = None,
+    notes: list[str] | None = None,
 ) -> RunConfig:
-    """Resolve a RunConfig: the preset (as the plugins declare it), the YAML file, flags, ``--set``."""
+    """Resolve a RunConfig: the preset (as the plugins declare it), the YAML file, flags, ``--set``.
+
+    ``--set key={...}`` replaces the whole mapping at ``key`` (``key.a=1`` changes one leaf); when that drops
+    values the preset or the file had there, a line naming them is appended to ``notes`` (if given), for the
+    caller to show: the replace is what was asked, but rarely what was meant.
+    """
     file_data = load_yaml(config_file) if config_file else {}
     preset = preset or file_data.get("preset") or "default"
     if registry is None:
@@ -326,12 +350,17 @@ def build_config(
 
         registry = get_registry()
 
+    dropped_by_sets: list[str] = []
+
     def layered(base: dict) -> dict:
         data = deep_merge(base, file_data)
         data["preset"] = preset
         data = deep_merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+        dropped_by_sets.clear()
         for expr in sets or []:
             path, value = parse_set(expr)
+            if isinstance(value, dict) and (note := _dropped_note(data, path, value)):
+                dropped_by_sets.append(note)
             sets_ = data.get(path[0])
             if path[0] == "test_data" and len(path) == 2 and path[1] in SET_IDENTITY and isinstance(sets_, list):
                 data["test_data"] = sets_[:1]  # naming a dataset picks one set, like --data
@@ -349,6 +378,8 @@ def build_config(
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+    if notes is not None:
+        notes.extend(dropped_by_sets)
     if cfg.engine == "auto":
         cfg.engine = registry.auto_engine(cfg)
 
