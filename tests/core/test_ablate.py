@@ -134,6 +134,20 @@ def test_cli_set_overrides_the_base_of_every_variant_but_not_a_variants_own_key(
         ablate.with_overrides(study, ["threads"])
 
 
+def test_a_study_base_mapping_that_drops_preset_values_is_noted_once(tmp_path, doubles):
+    study = ablate.load_study(_study(tmp_path))
+    lines: list[str] = []
+    ablate.dry_run(study, tmp_path / "s.yaml", tmp_path / "out", echo=lines.append)
+    assert not [x for x in lines if x.startswith("note:")]  # leaf by leaf: nothing dropped
+    base = study.base.model_copy(update={"set": {**{k: v for k, v in study.base.set.items()
+                                                    if k != "components.rejection-sampler.n"},
+                                                 "components.rejection-sampler": {"n": 2}}})
+    lines.clear()
+    ablate.dry_run(study.model_copy(update={"base": base}), tmp_path / "s.yaml", tmp_path / "out", echo=lines.append)
+    notes = [x for x in lines if x.startswith("note:")]
+    assert len(notes) == 1 and "components.rejection-sampler={...} replaces" in notes[0], lines
+
+
 def test_a_study_shares_stages_reports_and_resumes(tmp_path, doubles):
     study_file = _study(tmp_path)
     study = ablate.load_study(study_file)
